@@ -1,0 +1,32 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint guest fuzz conform-long bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip >/dev/null
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+guest: $(STAMP)
+	$(BIN)/python -m faultline.guest.build
+
+demo: guest
+	$(BIN)/faultline demo
+
+test: guest
+	$(BIN)/ruff check faultline tests
+	$(BIN)/python -m pytest -q
+
+test-slow: guest
+	$(BIN)/python -m pytest -q -m slow
+
+bench: guest
+	$(BIN)/faultline bench all
+
+clean:
+	rm -rf $(VENV) build faultline/guest/out *.egg-info
