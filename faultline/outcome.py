@@ -1,0 +1,204 @@
+"""The result of a run, shared by both backends, and its comparison with expectations."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from faultline.scenario import Expectation, Scenario
+
+OUTCOME_KEYS = ("scenario", "backend", "design", "policy", "vm", "tasks", "offlined", "exits",
+                "faults", "events_path")
+
+
+@dataclass(slots=True)
+class Signal:
+    code: str  # "BUS_MCEERR_AR", "BUS_MCEERR_AO", "SEGV_MAPERR", ...
+    vaddr: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "vaddr": hex(self.vaddr)}
+
+
+@dataclass(slots=True)
+class TaskOutcome:
+    fate: str = "hung"  # exited | sigbus | killed | hung
+    code: int | None = None
+    signal: Signal | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fate": self.fate, "code": self.code,
+                "signal": self.signal.to_json() if self.signal else None}
+
+
+@dataclass(frozen=True, slots=True)
+class FaultRecord:
+    """One resolved bad access: GPA -> HVA -> file + offset, and why it failed."""
+
+    gpa: int
+    hva: int | None
+    path: str | None
+    offset: int | None
+    file_size: int | None
+    cause: str  # beyond-eof | hole | poisoned | read-only | unmapped | unknown
+    source: str  # how it was detected: memory-fault-exit, bare-efault, mmio, internal-error, ...
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gpa": hex(self.gpa), "hva": hex(self.hva) if self.hva is not None else None,
+                "path": self.path, "offset": self.offset, "file_size": self.file_size,
+                "cause": self.cause, "source": self.source}
+
+    def line(self) -> str:
+        """The one-line resolution a human reads in the timeline."""
+        hva = f"hva {self.hva:#x}" if self.hva is not None else "hva ?"
+        where = (f"{self.path} +{self.offset:#x} (file size {self.file_size:#x})"
+                 if self.path is not None and self.offset is not None and self.file_size is not None
+                 else "no backing file")
+        return f"gpa {self.gpa:#x} -> {hva} -> {where}: {self.cause}"
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    backend: str
+    design: str
+    policy: str
+    vm: str = "completed"  # completed | aborted | hung
+    tasks: dict[str, TaskOutcome] = field(default_factory=dict)
+    offlined: set[int] = field(default_factory=set)
+    exits: dict[str, int] = field(default_factory=dict)
+    faults: list[FaultRecord] = field(default_factory=list)
+    events_path: str = ""
+    # Not part of the JSON outcome (its keys are fixed); kept for checks and the timeline.
+    reason: str = ""
+    file_mismatches: list[str] = field(default_factory=list)
+    bad_values: list[str] = field(default_factory=list)  # values read from bad pages
+
+    def count_exit(self, kind: str, n: int = 1) -> None:
+        self.exits[kind] = self.exits.get(kind, 0) + n
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "backend": self.backend,
+            "design": self.design,
+            "policy": self.policy,
+            "vm": self.vm,
+            "tasks": {k: v.to_json() for k, v in self.tasks.items()},
+            "offlined": [hex(g) for g in sorted(self.offlined)],
+            "exits": dict(sorted(self.exits.items())),
+            "faults": [f.to_json() for f in self.faults],
+            "events_path": self.events_path,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+
+def mismatches(outcome: Outcome, expect: Expectation | None) -> list[str]:
+    """Each way the outcome differs from the expectation, as a readable line."""
+    out: list[str] = []
+    if outcome.bad_values:
+        out.extend(f"fabricated data consumed: {b}" for b in outcome.bad_values)
+    if expect is None:
+        return out
+    if expect.vm is not None and outcome.vm != expect.vm:
+        out.append(f"vm: expected {expect.vm}, got {outcome.vm}"
+                   + (f" ({outcome.reason})" if outcome.reason else ""))
+    for name, te in expect.tasks.items():
+        got = outcome.tasks.get(name)
+        if got is None:
+            out.append(f"tasks.{name}: missing from the outcome")
+            continue
+        if te.fate is not None and got.fate != te.fate:
+            out.append(f"tasks.{name}.fate: expected {te.fate}, got {got.fate}")
+        if te.code is not None and got.code != te.code:
+            out.append(f"tasks.{name}.code: expected {te.code}, got {got.code}")
+        if te.signal is not None and (got.signal is None or got.signal.code != te.signal):
+            out.append(f"tasks.{name}.signal: expected {te.signal}, "
+                       f"got {got.signal.code if got.signal else None}")
+        if te.vaddr is not None and (got.signal is None or got.signal.vaddr != te.vaddr):
+            out.append(f"tasks.{name}.signal.vaddr: expected {te.vaddr:#x}, "
+                       f"got {hex(got.signal.vaddr) if got.signal else None}")
+    if expect.offlined is not None and sorted(outcome.offlined) != list(expect.offlined):
+        out.append(f"offlined: expected {[hex(g) for g in expect.offlined]}, "
+                   f"got {[hex(g) for g in sorted(outcome.offlined)]}")
+    for kind, n in expect.exits.items():
+        if outcome.exits.get(kind, 0) != n:
+            out.append(f"exits.{kind}: expected {n}, got {outcome.exits.get(kind, 0)}")
+    for spec in expect.faults or ():
+        if not any(_fault_matches(f, spec) for f in outcome.faults):
+            shown = {k: (hex(v) if k == "gpa" else v) for k, v in spec.items()}
+            out.append(f"faults: no record matches {shown}")
+    if expect.files_match_writes is not False and outcome.file_mismatches:
+        out.extend(f"file contents: {m}" for m in outcome.file_mismatches)
+    return out
+
+
+def _fault_matches(f: FaultRecord, spec: dict[str, Any]) -> bool:
+    return all(getattr(f, k) == v for k, v in spec.items())
+
+
+def check(outcome: Outcome, scenario: Scenario) -> list[str]:
+    return mismatches(outcome, scenario.expectation(outcome.backend, outcome.design,
+                                                    outcome.policy))
+
+
+class EventLog:
+    """The run's event log: one JSON object per line, written as it happens.
+
+    Line-buffered so that a run that dies still leaves what it saw. Thread-safe: every
+    vCPU thread and the VMM's watcher append to it.
+    """
+
+    def __init__(self, path: str | Path | None, *, clock: str = "us") -> None:
+        self.path = str(path) if path is not None else ""
+        self._fh: IO[str] | None = open(path, "w", buffering=1) if path else None
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic_ns()
+        self._clock = clock  # "us": wall microseconds (kvm); "step": model step numbers
+        self.step = 0
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, kind: str, *, vcpu: int | None = None, task: str | None = None,
+             **fields: Any) -> dict[str, Any]:
+        with self._lock:
+            ev: dict[str, Any] = {"seq": len(self.events)}
+            if self._clock == "us":
+                ev["t_us"] = (time.monotonic_ns() - self._t0) // 1000
+            else:
+                ev["step"] = self.step
+            ev["vcpu"] = vcpu
+            ev["task"] = task
+            ev["kind"] = kind
+            ev.update(fields)
+            self.events.append(ev)
+            if self._fh is not None:
+                self._fh.write(json.dumps(ev, default=_jsonable) + "\n")
+            return ev
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, (set, frozenset, tuple)):
+        return list(v)
+    if hasattr(v, "to_json"):
+        return v.to_json()
+    return str(v)
