@@ -198,4 +198,7 @@ def c_header() -> str:
     for name, value in sorted(globals().items()):
         if name.isupper() and isinstance(value, int) and not isinstance(value, bool):
             lines.append(f"#define {name} {value:#x}ULL")
+        elif name.isupper() and isinstance(value, struct.Struct):
+            # The C structs _Static_assert their sizes against these.
+            lines.append(f"#define {name}_SIZE {value.size}")
     return "\n".join(lines) + "\n"
