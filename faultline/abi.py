@@ -168,8 +168,16 @@ SI_CODES = {
 # --- Notification ring (VMM -> guest), at NOTIFY_RING_GPA -----------------------
 # header: u32 head (VMM writes), u32 tail (guest writes), u32 entries, u32 pad
 NOTIFY_HEADER = struct.Struct("<IIII")
-# entry: u64 first gpa, u64 npages, u32 cause, u32 pad, u64 pad
+# entry: u64 first gpa, u64 npages, u32 cause, u32 flags, u64 ar_gpa
+# NOTIFY_F_AR: the access at ar_gpa by whatever vCPU (flags >> NOTIFY_AR_VCPU_SHIFT) was
+# running when it faulted did not complete. On this host a load from a truncated page exits
+# as MMIO, and KVM completes that load on re-entry whatever userspace does, so the guest
+# must kill the interrupted task before its next instruction uses the value: the VMM sends
+# the interrupt to that vCPU and the guest's handler delivers SIGBUS BUS_MCEERR_AR to the
+# task it interrupted (the paravirtual twin of an SRAR machine check).
 NOTIFY_ENTRY = struct.Struct("<QQIIQ")
+NOTIFY_F_AR = 1 << 0
+NOTIFY_AR_VCPU_SHIFT = 8
 NOTIFY_ENTRIES = 64
 CAUSE_BEYOND_EOF = 1
 CAUSE_HOLE = 2
