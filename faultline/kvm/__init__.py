@@ -1,0 +1,66 @@
+"""Thin typed bindings to the KVM uapi (x86-64): Kvm -> Vm -> Vcpu, one exit decoder.
+
+No policy lives here: this package knows nothing about faults, files or scenarios.
+"""
+
+from . import uapi
+from .exits import (
+    EHWPOISON,
+    BareEfault,
+    Exit,
+    FailEntry,
+    GuestException,
+    Hlt,
+    Hypercall,
+    InternalError,
+    Intr,
+    IoIn,
+    IoOut,
+    IrqWindowOpen,
+    MemoryFault,
+    Mmio,
+    RunError,
+    Shutdown,
+    SystemEvent,
+    Unknown,
+    complete_hypercall,
+    complete_io_in,
+    complete_mmio_read,
+    decode_error,
+    decode_exit,
+    decode_ok,
+)
+from .ioctls import Kvm, KvmError, Translation, Vcpu, Vm
+
+__all__ = [
+    "EHWPOISON",
+    "BareEfault",
+    "Exit",
+    "FailEntry",
+    "GuestException",
+    "Hlt",
+    "Hypercall",
+    "InternalError",
+    "Intr",
+    "IoIn",
+    "IoOut",
+    "IrqWindowOpen",
+    "Kvm",
+    "KvmError",
+    "MemoryFault",
+    "Mmio",
+    "RunError",
+    "Shutdown",
+    "SystemEvent",
+    "Translation",
+    "Unknown",
+    "Vcpu",
+    "Vm",
+    "complete_hypercall",
+    "complete_io_in",
+    "complete_mmio_read",
+    "decode_error",
+    "decode_exit",
+    "decode_ok",
+    "uapi",
+]
