@@ -1,0 +1,49 @@
+"""Pick a backend and run a scenario on it: the one entry point the CLI, the conformance
+suite and the tests share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from faultline.outcome import EventLog, Outcome
+from faultline.scenario import DESIGNS, POLICIES, Scenario
+
+
+class UsageError(Exception):
+    """Bad arguments (unknown design/policy/backend): one line, exit 2."""
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in ("kvm", "model", "auto"):
+        raise UsageError(f"unknown backend {backend!r} (one of: kvm, model, auto)")
+    if backend != "auto":
+        return backend
+    from faultline.vmm.runner import kvm_available
+
+    return "kvm" if kvm_available()[0] else "model"
+
+
+def run_scenario(scenario: Scenario, *, backend: str = "auto", design: str | None = None,
+                 policy: str | None = None, events_path: str | Path | None = None,
+                 log: EventLog | None = None, seed: int | None = None,
+                 **kw: Any) -> Outcome:
+    """Run `scenario` on `backend` ("kvm", "model" or "auto") and return its Outcome."""
+    policy = policy or scenario.policies[0]
+    if policy not in POLICIES:
+        raise UsageError(f"unknown policy {policy!r} (one of: {', '.join(POLICIES)})")
+    backend = resolve_backend(backend)
+    if backend == "kvm":
+        if design not in (None, "host"):
+            raise UsageError(f"--design {design} is for the model; the kvm backend runs "
+                             "this host's KVM (design 'host')")
+        from faultline.vmm.runner import run_kvm
+
+        return run_kvm(scenario, policy, events_path=events_path, log=log, **kw)
+    design = design or scenario.design
+    if design not in DESIGNS:
+        raise UsageError(f"unknown design {design!r} (one of: {', '.join(DESIGNS)})")
+    from faultline.model.simulate import simulate
+
+    return simulate(scenario, design, policy, seed=seed, events_path=events_path, log=log,
+                    **kw)

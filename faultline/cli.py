@@ -1,0 +1,165 @@
+"""faultline's command line.
+
+Exit codes: 0 the outcome matches the scenario's expectation, 1 it does not, 2 bad input
+(one line, no traceback), 3 an internal error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from faultline.outcome import EventLog, Outcome, check
+from faultline.scenario import DESIGNS, POLICIES, ScenarioError, load
+
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+
+
+def _default_events(name: str, backend: str, design: str, policy: str) -> Path:
+    root = Path(os.environ.get("FAULTLINE_RUNS", "runs"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root / f"{name}-{backend}-{design}-{policy}.jsonl"
+
+
+def _err(msg: str) -> None:
+    print(f"faultline: error: {msg}", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from faultline.backends import UsageError, resolve_backend, run_scenario
+    from faultline.vmm.runner import BackendError
+
+    stem = Path(args.scenario).stem
+    try:
+        backend = resolve_backend(args.backend)
+    except UsageError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    events_path = Path(args.events) if args.events else _default_events(
+        stem, backend, args.design or ("host" if backend == "kvm" else "default"),
+        args.policy or "default")
+    log = EventLog(events_path, clock="us" if backend == "kvm" else "step")
+    try:
+        try:
+            sc = load(args.scenario)
+            outcome = run_scenario(sc, backend=backend, design=args.design,
+                                   policy=args.policy, log=log, seed=args.seed,
+                                   **({"watchdog_s": args.watchdog} if backend == "kvm"
+                                      else {}))
+        except (ScenarioError, UsageError, BackendError) as e:
+            log.emit("error", error=str(e))
+            _err(str(e))
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            log.emit("error", error="interrupted")
+            _err("interrupted")
+            return EXIT_INTERRUPTED
+    finally:
+        log.close()
+    outcome.events_path = str(events_path)
+    problems = check(outcome, sc)
+    _print_outcome(outcome, log, args, problems)
+    return EXIT_MISMATCH if problems else EXIT_OK
+
+
+def _print_outcome(outcome: Outcome, log: EventLog, args: argparse.Namespace,
+                   problems: list[str]) -> None:
+    if args.json:
+        print(outcome.dumps())
+    else:
+        from faultline.timeline import render
+
+        render(log.events, outcome, verbose=args.verbose)
+    for p in problems:
+        print(f"faultline: expectation not met: {p}", file=sys.stderr)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from faultline.kvm import Kvm, KvmError, uapi
+
+    info: dict[str, object] = {}
+    try:
+        with Kvm() as k:
+            caps = {name: k.check_extension(getattr(uapi, name)) for name in (
+                "KVM_CAP_MCE", "KVM_CAP_MEMORY_FAULT_INFO", "KVM_CAP_USER_MEMORY2",
+                "KVM_CAP_GUEST_MEMFD", "KVM_CAP_READONLY_MEM", "KVM_CAP_ASYNC_PF",
+                "KVM_CAP_IMMEDIATE_EXIT")
+                if hasattr(uapi, name)}
+            info = {"kvm": True, "api_version": k.api_version(), "caps": caps,
+                    "mce_cap_supported": hex(k.mce_cap_supported())}
+    except (KvmError, OSError) as e:
+        info = {"kvm": False, "error": str(e)}
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    hw = " vmx" in cpuinfo or " svm" in cpuinfo
+    modules = Path("/proc/modules").read_text() if Path("/proc/modules").exists() else ""
+    info["vendor_module"] = next((m for m in ("kvm_intel", "kvm_amd", "kvm_pvm")
+                                  if m in modules), "unknown")
+    info["guests_emulated"] = not hw
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:<18} {v}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from faultline.backends import resolve_backend
+
+    backend = resolve_backend("auto")
+    ns = argparse.Namespace(scenario=str(SCENARIOS / "dax-truncate.toml"), backend=backend,
+                            design=None if backend == "kvm" else "error-gfn", policy="mce",
+                            json=False, events=args.events, seed=None, verbose=False,
+                            watchdog=10.0)
+    print(f"faultline demo: scenarios/dax-truncate.toml on {backend}"
+          + (" (design error-gfn: /dev/kvm is not usable here)" if backend == "model" else "")
+          + ", policy mce\n")
+    return cmd_run(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="faultline", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run a scenario on kvm or on the model")
+    r.add_argument("scenario")
+    r.add_argument("--backend", default="auto", help="kvm | model | auto (default)")
+    r.add_argument("--design", help=f"model only: {' | '.join(DESIGNS)}")
+    r.add_argument("--policy", help=f"{' | '.join(POLICIES)} (default: the scenario's first)")
+    r.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    r.add_argument("--events", help="where to write the JSON-lines event log")
+    r.add_argument("--seed", type=int, help="model: a seeded random schedule")
+    r.add_argument("--watchdog", type=float, default=10.0,
+                   help="kvm: seconds without progress before the run is declared hung")
+    r.add_argument("-v", "--verbose", action="store_true", help="show every event")
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("info", help="what KVM offers on this host")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="the DAX-truncation scenario, end to end")
+    d.add_argument("--events", help="where to write the event log")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Detection and resolution: every way a failed guest access reaches userspace becomes one
+:class:`MemoryFault`, and every MemoryFault is resolved GPA -> memslot -> HVA -> mapping
+(/proc/self/maps) -> file + offset, with the reason it failed.
+
+The five ways in (DESIGN.md §3):
+
+1. KVM_RUN -1, errno EFAULT/EHWPOISON, exit_reason KVM_EXIT_MEMORY_FAULT: gpa given.
+2. KVM_RUN -1 with a bare EFAULT (x86 upstream today): no gpa; recovered by scanning the
+   file-backed windows for pages that are now bad, guarded against repeating forever.
+3. KVM_EXIT_MMIO whose gpa lies in RAM or a window: what this host's KVM does for a
+   truncated page.
+4. KVM_EXIT_INTERNAL_ERROR from an instruction fetch out of such a page: the fetch address
+   is translated with KVM_TRANSLATE.
+5. SIGBUS BUS_MCEERR_AR/AO at an hva (hardware poison, QEMU's kvm_arch_on_sigbus_vcpu).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from faultline.abi import PAGE_SIZE
+from faultline.kvm import exits
+from faultline.memory import GuestMemory, Region
+from faultline.outcome import FaultRecord
+
+EHWPOISON = getattr(_errno, "EHWPOISON", 133)
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryFault:
+    """A guest access the host could not back, however KVM reported it."""
+
+    gpa: int
+    size: int
+    access: str  # read | write | exec | unknown
+    source: str  # memory-fault-exit | bare-efault | mmio | internal-error | sigbus
+    vcpu: int
+    poisoned: bool = False  # EHWPOISON / BUS_MCEERR_*: the host page itself is bad
+    in_progress: bool = False  # the access completes on re-entry (MMIO): kill before use
+
+
+class Unrecoverable(Exception):
+    """A fault whose gpa cannot be found, or that keeps repeating after it was handled."""
+
+
+def bad_pages(region: Region) -> list[int]:
+    """GPAs of the pages of a file window that cannot be backed now: beyond EOF or holes."""
+    if region.kind != "file":
+        return []
+    size = os.fstat(region.fd).st_size
+    out: list[int] = []
+    first_beyond = -(-(size - region.file_offset) // PAGE_SIZE) if size > region.file_offset else 0
+    npages = region.size // PAGE_SIZE
+    # Holes inside EOF, found with SEEK_HOLE/SEEK_DATA (no page-by-page reads).
+    off = region.file_offset
+    end = min(size, region.file_offset + region.size)
+    while off < end:
+        try:
+            hole = os.lseek(region.fd, off, SEEK_HOLE)
+        except OSError:
+            break
+        if hole >= end:
+            break
+        try:
+            data = os.lseek(region.fd, hole, SEEK_DATA)
+        except OSError:
+            data = end  # ENXIO: hole to EOF
+        first = -(-hole // PAGE_SIZE) * PAGE_SIZE
+        for p in range(first, min(data, end) // PAGE_SIZE * PAGE_SIZE, PAGE_SIZE):
+            out.append(region.gpa + p - region.file_offset)
+        off = max(data, hole + 1)
+    out.extend(region.gpa + p * PAGE_SIZE for p in range(first_beyond, npages))
+    return sorted(out)
+
+
+class Detector:
+    """Turns raw exits into MemoryFaults for one VM. Thread-safe enough: per-vCPU state
+    is only touched by that vCPU's thread; the handled set is append-only."""
+
+    def __init__(self, memory: GuestMemory, ram_end: int,
+                 translate: Callable[[int, int], int | None]) -> None:
+        self.memory = memory
+        self.ram_end = ram_end
+        self.translate = translate  # (vcpu, gva) -> gpa | None, via KVM_TRANSLATE
+        self.handled: dict[int, int] = {}  # page gpa -> times handled
+
+    def from_exit(self, vcpu: int, ex: exits.Exit, rip: int | None = None) -> MemoryFault | None:
+        """The MemoryFault an exit stands for, or None if it is not a memory fault."""
+        if isinstance(ex, exits.Mmio):
+            r = self.memory.find_region(ex.phys_addr)
+            if r is None:
+                return None  # a real MMIO access (no device there)
+            return MemoryFault(ex.phys_addr, ex.len, "write" if ex.is_write else "read",
+                               "mmio", vcpu, in_progress=not ex.is_write)
+        if isinstance(ex, exits.MemoryFault):
+            return MemoryFault(ex.gpa, ex.size, "unknown", "memory-fault-exit", vcpu,
+                               poisoned=ex.errno == EHWPOISON)
+        if isinstance(ex, exits.BareEfault):
+            return self._recover_bare(vcpu, ex.errno == EHWPOISON)
+        if isinstance(ex, exits.InternalError) and rip is not None:
+            gpa = self.translate(vcpu, rip)
+            if gpa is None or self.memory.find_region(gpa) is None or gpa < self.ram_end:
+                return None
+            return MemoryFault(gpa, 1, "exec", "internal-error", vcpu)
+        return None
+
+    def from_sigbus(self, vcpu: int, si_code: int, hva: int) -> MemoryFault | None:
+        """SIGBUS BUS_MCEERR_AR (4) / AO (5) at `hva` on a vCPU thread (hardware poison)."""
+        gpa = self.memory.hva_to_gpa(hva)
+        if gpa is None:
+            return None
+        return MemoryFault(int(gpa), PAGE_SIZE, "unknown", "sigbus", vcpu, poisoned=True,
+                           in_progress=si_code == 5)
+
+    def _recover_bare(self, vcpu: int, poisoned: bool) -> MemoryFault:
+        """A bare -EFAULT names no gpa: the bad page is one of the windows' pages that is
+        beyond EOF or a hole and not yet handled; take the lowest. If there is none, the
+        fault cannot be connected to a file and the VM cannot continue."""
+        for r in self.memory:
+            for gpa in bad_pages(r):
+                if gpa not in self.handled:
+                    return MemoryFault(gpa, PAGE_SIZE, "unknown", "bare-efault", vcpu,
+                                       poisoned=poisoned)
+        raise Unrecoverable("KVM_RUN failed with a bare EFAULT and no window page is bad")
+
+    def note_handled(self, fault: MemoryFault) -> None:
+        """Count a handled fault; the same page failing again after the guest should have
+        offlined it means the handling did not take: give up instead of looping."""
+        page = fault.gpa & ~(PAGE_SIZE - 1)
+        n = self.handled.get(page, 0) + 1
+        self.handled[page] = n
+        if n > 2:
+            raise Unrecoverable(f"gpa {page:#x} faulted {n} times after being handled")
+
+
+def resolve(memory: GuestMemory, fault: MemoryFault) -> FaultRecord:
+    """GPA -> HVA -> (file, offset, size now) and the cause, cross-checked with
+    /proc/self/maps (the mapping must be the region's file at the region's offset)."""
+    res = memory.resolve(fault.gpa)
+    cause = res.cause
+    if fault.poisoned:
+        cause = "poisoned"
+    elif cause == "ok":
+        region = memory.find_region(fault.gpa)
+        if fault.access == "write" and region is not None and region.readonly:
+            cause = "read-only"
+        else:
+            cause = "unknown"
+    path = res.path
+    if res.mapping is not None and res.path is not None:
+        problems = res.cross_check()
+        if problems:
+            cause = f"{cause} (maps: {'; '.join(problems)})"
+    return FaultRecord(fault.gpa, res.hva, path, res.file_offset, res.file_size, cause,
+                       fault.source)
