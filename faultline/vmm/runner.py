@@ -28,6 +28,7 @@ from faultline.outcome import EventLog, FaultRecord, Outcome, Signal, TaskOutcom
 from faultline.scenario import HostEvent, Scenario, file_contents
 from faultline.vmm import policy as pol
 from faultline.vmm.faults import Detector, MemoryFault, Unrecoverable, bad_pages, resolve
+from faultline.vmm.uffd import SigbusOnMissing, UffdUnavailable, on_tmpfs
 
 KICK_SIGNAL = signal.SIGUSR1
 MCIP = pol.MCG_STATUS_MCIP
@@ -101,7 +102,11 @@ class KvmRun:
         for t in scenario.tasks:
             self.outcome.tasks[t.name] = TaskOutcome()
         self._own_dir = run_dir is None
-        self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="faultline-"))
+        # tmpfs by default: holes are caught only on shmem-backed windows (see uffd.py).
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and on_tmpfs("/dev/shm") else None
+        self.run_dir = Path(run_dir) if run_dir else Path(
+            tempfile.mkdtemp(prefix="faultline-", dir=shm))
+        self.uffd: SigbusOnMissing | None = None
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.stopping = False
@@ -142,6 +147,7 @@ class KvmRun:
         for f in sc.files:
             self.memory.add_file(f.name, f.window_gpa, self.run_dir / f.path,
                                  size=f.window_bytes, readonly=f.readonly)
+        self._arm_hole_detection()
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
         with contextlib.suppress(KvmError):  # VMX needs it; harmless elsewhere
@@ -162,6 +168,22 @@ class KvmRun:
         self.detector = Detector(self.memory, sc.ram_bytes, self._translate)
         if self.policy == "proactive":
             self._start_watch()
+
+    def _arm_hole_detection(self) -> None:
+        windows = [r for r in self.memory if r.kind == "file"]
+        if not windows:
+            return
+        try:
+            self.uffd = SigbusOnMissing()
+            for r in windows:
+                self.uffd.register(r.hva, r.size)
+            self.log.emit("vmm_hole_detection", enabled=True, mechanism="userfaultfd "
+                          "MISSING + UFFD_FEATURE_SIGBUS", windows=[r.name for r in windows])
+        except UffdUnavailable as e:
+            if self.uffd is not None:
+                self.uffd.close()
+                self.uffd = None
+            self.log.emit("vmm_hole_detection", enabled=False, reason=str(e))
 
     def _translate(self, vcpu: int, gva: int) -> int | None:
         t = self.vcpus[vcpu].vcpu.translate(gva)
@@ -247,6 +269,9 @@ class KvmRun:
         if self.kvm is not None:
             self.kvm.close()
         self.memory.close()
+        if self.uffd is not None:
+            self.uffd.close()
+            self.uffd = None
         self.log.close()
         if self._own_dir and not self.keep:
             shutil.rmtree(self.run_dir, ignore_errors=True)
