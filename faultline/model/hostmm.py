@@ -1,0 +1,103 @@
+# ruff: noqa: RUF005  (hot path: explicit tuple concatenation/slicing is the state encoding)
+"""Host mm: files (size, page cache, holes, poison), the VMM's VMAs, gup semantics.
+
+Pure functions over the F_* file tuple. gup results follow hva_to_pfn():
+- a cached page within EOF: success;
+- an uncached page within EOF (including a hole): needs I/O (FOLL_NOWAIT fails, a
+  blocking gup reads it into the page cache and succeeds);
+- a page at or beyond EOF: -EFAULT (VM_FAULT_SIGBUS) while the VMA stays valid, so with
+  FOLL_NOWAIT it is indistinguishable from "needs I/O";
+- a poisoned page: -EHWPOISON.
+"""
+
+from __future__ import annotations
+
+from faultline.abi import PAGE_SHIFT, PAGE_SIZE
+from faultline.model.state import F_CACHED, F_HOLES, F_POISON, F_SIZE, F_ZERO_FROM, F_ZEROED
+
+GUP_OK = 0
+GUP_NEEDS_IO = 1  # KVM_PFN_ERR_NEEDS_IO (FOLL_NOWAIT on a valid VMA)
+GUP_EFAULT = 2  # KVM_PFN_ERR_FAULT
+GUP_HWPOISON = 3  # KVM_PFN_ERR_HWPOISON
+
+
+def new_file(size: int, pages: int, cached: bool) -> tuple:
+    eof_pages = min(pages, (size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+    mask = (1 << eof_pages) - 1 if cached else 0
+    return (size, mask, 0, 0, 0, size)
+
+
+def beyond_eof(f: tuple, page: int) -> bool:
+    return (page << PAGE_SHIFT) >= f[F_SIZE]
+
+
+def gup_nowait(f: tuple, page: int, write_to_ro_vma: bool = False) -> int:
+    if write_to_ro_vma:
+        return GUP_EFAULT  # !vma_is_valid(): KVM_PFN_ERR_FAULT at once
+    bit = 1 << page
+    if f[F_POISON] & bit:
+        return GUP_HWPOISON
+    if (page << PAGE_SHIFT) >= f[F_SIZE]:
+        return GUP_NEEDS_IO
+    return GUP_OK if f[F_CACHED] & bit else GUP_NEEDS_IO
+
+
+def gup_blocking(f: tuple, page: int) -> tuple[int, tuple]:
+    """A gup without FOLL_NOWAIT (or the async worker's get_user_pages_remote)."""
+    bit = 1 << page
+    if f[F_POISON] & bit:
+        return GUP_HWPOISON, f
+    if (page << PAGE_SHIFT) >= f[F_SIZE]:
+        return GUP_EFAULT, f
+    if f[F_CACHED] & bit and not f[F_HOLES] & bit:
+        return GUP_OK, f
+    # Read in (or allocate the hole's page: it is no longer a hole, its data is zero).
+    return GUP_OK, (f[0], f[1] | bit, f[2] & ~bit, f[3], f[4], f[5])
+
+
+def truncate(f: tuple, new_size: int, pages: int) -> tuple:
+    """truncate(2): pages at or beyond the new EOF leave the page cache (and the EPT via
+    the MMU notifier)."""
+    keep = min(pages, (new_size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+    mask = (1 << keep) - 1
+    return (new_size, f[F_CACHED] & mask, f[F_HOLES] & mask, f[F_ZEROED],
+            f[F_POISON], min(f[F_ZERO_FROM], new_size))
+
+
+def extend(f: tuple, new_size: int) -> tuple:
+    return (max(new_size, f[F_SIZE]),) + f[1:]
+
+
+def punch_hole(f: tuple, offset: int, length: int, pages: int) -> tuple:
+    first = offset >> PAGE_SHIFT
+    end = min(pages, (offset + length) >> PAGE_SHIFT)
+    mask = 0
+    for p in range(first, end):
+        if (p << PAGE_SHIFT) < f[F_SIZE]:
+            mask |= 1 << p
+    return (f[F_SIZE], f[F_CACHED] & ~mask, f[F_HOLES] | mask, f[F_ZEROED] | mask,
+            f[F_POISON], f[F_ZERO_FROM])
+
+
+def poison(f: tuple, offset: int, length: int, pages: int) -> tuple:
+    first = offset >> PAGE_SHIFT
+    end = min(pages, (offset + length) >> PAGE_SHIFT)
+    mask = sum(1 << p for p in range(first, end))
+    return (f[F_SIZE], f[F_CACHED] & ~mask, f[F_HOLES], f[F_ZEROED], f[F_POISON] | mask,
+            f[F_ZERO_FROM])
+
+
+def bad_pages(f: tuple, pages: int) -> list[int]:
+    """Window pages a guest access cannot be backed by: beyond EOF or poisoned."""
+    eof = (f[F_SIZE] + PAGE_SIZE - 1) >> PAGE_SHIFT
+    return [p for p in range(pages) if p >= eof or f[F_POISON] >> p & 1]
+
+
+def cause_of(f: tuple, page: int) -> str:
+    if f[F_POISON] >> page & 1:
+        return "poisoned"
+    if (page << PAGE_SHIFT) >= f[F_SIZE]:
+        return "beyond-eof"
+    if f[F_HOLES] >> page & 1:
+        return "hole"
+    return "unknown"

@@ -1,0 +1,234 @@
+"""VMM policy: what userspace does about a guest memory fault it cannot resolve.
+
+Pure logic shared by the real VMM (``faultline.vmm``) and the model
+(``faultline.model``): no I/O, no KVM bindings, no clocks. The caller classifies the
+fault (which GPA, why it is bad: beyond EOF, a hole, poisoned, read-only), describes the
+file window it lies in, and gets a :class:`Decision` back.
+
+Policies (as in DESIGN.md §4):
+
+- ``abort``: QEMU today ("kvm run failed Bad address"): stop the VM. The fault is still
+  resolved and logged by the caller. A hwpoison SIGBUS still becomes an #MC, as in QEMU.
+- ``mce``: inject a machine check with QEMU's encoding (SRAR when the vCPU is in the
+  faulting context, SRAO otherwise) so that the guest runs memory_failure().
+- ``notify``: a paravirtual notification (ring record + interrupt) naming the whole bad
+  range, so the guest offlines it at once.
+- ``proactive``: watch the backing files and notify on truncate / punch-hole before any
+  access (:func:`on_file_change`); a fault it missed is handled as ``notify``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+POLICIES = ("abort", "mce", "notify", "proactive")
+
+# Causes (the names used by FaultRecord.cause); numeric codes as in faultline.abi.CAUSE_*.
+CAUSE_CODES = {"beyond-eof": 1, "hole": 2, "poisoned": 3, "read-only": 4}
+
+# --- Machine-check encoding (QEMU target/i386/kvm/kvm.c: kvm_mce_inject) --------------
+# Defined here, not imported from faultline.kvm, so the model never depends on the bindings.
+MCE_BANK = 9
+MCI_STATUS_VAL = 1 << 63
+MCI_STATUS_OVER = 1 << 62
+MCI_STATUS_UC = 1 << 61
+MCI_STATUS_EN = 1 << 60
+MCI_STATUS_MISCV = 1 << 59
+MCI_STATUS_ADDRV = 1 << 58
+MCI_STATUS_PCC = 1 << 57
+MCI_STATUS_S = 1 << 56
+MCI_STATUS_AR = 1 << 55
+MCACOD_SRAR_DATA_LOAD = 0x134
+MCACOD_SRAO_SCRUB = 0xC0
+MCG_STATUS_RIPV = 1 << 0
+MCG_STATUS_EIPV = 1 << 1
+MCG_STATUS_MCIP = 1 << 2
+MCM_ADDR_PHYS = 2
+MCI_MISC_VALUE = (MCM_ADDR_PHYS << 6) | 0xC
+
+# How many times the VMM accepts the same (gpa, source) fault before it gives up: userspace
+# "should guard against receiving the same annotated fault repeatedly" (api.rst).
+MAX_REPEATS = 2
+
+
+# --- Decisions ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class InjectMce:
+    gpa: int
+    action_required: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    ranges: tuple[tuple[int, int, str], ...]  # (first_gpa, npages, cause)
+
+    @property
+    def gpas(self) -> tuple[int, ...]:
+        return tuple(first + i * PAGE_SIZE for first, n, _ in self.ranges for i in range(n))
+
+
+@dataclass(frozen=True, slots=True)
+class Ignore:
+    reason: str = ""
+
+
+Decision = Abort | InjectMce | Notify | Ignore
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """What the VMM knows about the file window a fault lies in.
+
+    ``file_size``: the file's size now (fstat). ``known_size``: the size the VMM saw last
+    (at map time or at its last notification), None if it does not track it.
+    ``holes``: byte ranges (offset, length) now holes in the file.
+    """
+
+    gpa: int
+    nbytes: int
+    file_size: int
+    known_size: int | None = None
+    holes: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def pages(self) -> int:
+        return self.nbytes >> PAGE_SHIFT
+
+
+def _pages_up(nbytes: int) -> int:
+    return (nbytes + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+
+def truncation_range(window_gpa: int, window_bytes: int, old_size: int,
+                     new_size: int) -> tuple[int, int] | None:
+    """The pages a shrink from ``old_size`` to ``new_size`` makes bad, clipped to the window.
+
+    A page is bad when it starts at or beyond EOF (the page holding EOF is still mapped,
+    its tail reads zero): [ceil(new/PAGE), ceil(old/PAGE)) ∩ [0, window pages).
+    """
+    first = _pages_up(new_size)
+    end = min(_pages_up(old_size), window_bytes >> PAGE_SHIFT)
+    if first >= end:
+        return None
+    return window_gpa + (first << PAGE_SHIFT), end - first
+
+
+def hole_range(window_gpa: int, window_bytes: int, offset: int,
+               length: int) -> tuple[int, int] | None:
+    """The whole pages inside the hole [offset, offset + length), clipped to the window."""
+    first = _pages_up(offset)
+    end = min((offset + length) >> PAGE_SHIFT, window_bytes >> PAGE_SHIFT)
+    if first >= end:
+        return None
+    return window_gpa + (first << PAGE_SHIFT), end - first
+
+
+def bad_range(window: Window, fault_gpa: int, cause: str) -> tuple[int, int, str]:
+    """The whole bad range around ``fault_gpa`` (at least its page)."""
+    page_gpa = fault_gpa & ~(PAGE_SIZE - 1)
+    one = (page_gpa, 1, cause)
+    if not window.gpa <= page_gpa < window.gpa + window.nbytes:
+        return one
+    if cause == "beyond-eof":
+        old = window.known_size if window.known_size is not None else window.nbytes
+        r = truncation_range(window.gpa, window.nbytes, max(old, window.file_size),
+                             window.file_size)
+        if r is not None and r[0] <= page_gpa < r[0] + (r[1] << PAGE_SHIFT):
+            return (r[0], r[1], cause)
+        # Outside what the VMM knew of (e.g. a page beyond the EOF it mapped): from the
+        # EOF page to the window's end.
+        r = truncation_range(window.gpa, window.nbytes, window.nbytes, window.file_size)
+        if r is not None and r[0] <= page_gpa < r[0] + (r[1] << PAGE_SHIFT):
+            return (r[0], r[1], cause)
+        return one
+    if cause == "hole":
+        for off, length in window.holes:
+            r = hole_range(window.gpa, window.nbytes, off, length)
+            if r is not None and r[0] <= page_gpa < r[0] + (r[1] << PAGE_SHIFT):
+                return (r[0], r[1], cause)
+        return one
+    return one
+
+
+def decide(policy: str, fault_gpa: int, cause: str, window: Window | None, *,
+           in_context: bool = True) -> Decision:
+    """What to do about a bad guest access at ``fault_gpa``.
+
+    ``cause``: beyond-eof | hole | poisoned | read-only | unmapped | unknown.
+    ``window``: the file window the GPA lies in (None: not file-backed).
+    ``in_context``: the vCPU is still in the faulting access's context (a synchronous
+    exit). False for exits that happen "whatever task is running" (the ``request`` design):
+    an SRAR there would kill an innocent task, so ``mce`` injects SRAO instead and the
+    faulting task meets the poisoned PTE on its retry.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r} (one of: {', '.join(POLICIES)})")
+    page_gpa = fault_gpa & ~(PAGE_SIZE - 1)
+    if cause not in CAUSE_CODES:
+        return Abort(f"gpa {fault_gpa:#x}: unresolvable guest memory fault ({cause})")
+    if policy == "abort":
+        if cause == "poisoned":
+            # QEMU today: a hwpoison SIGBUS becomes an #MC (kvm_arch_on_sigbus_vcpu).
+            return InjectMce(page_gpa, in_context)
+        return Abort(f"gpa {fault_gpa:#x}: {cause}: kvm run failed Bad address")
+    if policy == "mce":
+        return InjectMce(page_gpa, in_context)
+    if window is None:
+        return Notify(((page_gpa, 1, cause),))
+    return Notify((bad_range(window, fault_gpa, cause),))
+
+
+def on_file_change(window_gpa: int, window_bytes: int, old_size: int, new_size: int,
+                   holes: tuple[tuple[int, int], ...] = ()) -> Notify | None:
+    """The proactive policy's reaction to a change of a mapped file.
+
+    ``holes``: byte ranges (offset, length) punched since the last look. Returns one
+    notification for every page that became bad, or None.
+    """
+    ranges: list[tuple[int, int, str]] = []
+    r = truncation_range(window_gpa, window_bytes, old_size, new_size)
+    if r is not None:
+        ranges.append((r[0], r[1], "beyond-eof"))
+    eof_page = _pages_up(new_size)
+    for off, length in holes:
+        h = hole_range(window_gpa, window_bytes, off, length)
+        if h is None:
+            continue
+        # Pages of the hole already beyond EOF are reported as beyond-eof above.
+        first_page = (h[0] - window_gpa) >> PAGE_SHIFT
+        end_page = min(first_page + h[1], eof_page)
+        if end_page > first_page:
+            ranges.append((window_gpa + (first_page << PAGE_SHIFT), end_page - first_page,
+                           "hole"))
+    return Notify(tuple(ranges)) if ranges else None
+
+
+def mce_encoding(gpa: int, action_required: bool) -> tuple[int, int, int, int]:
+    """(MCi_STATUS, MCi_ADDR, MCi_MISC, MCG_STATUS) as QEMU's kvm_mce_inject(); bank 9."""
+    status = (MCI_STATUS_VAL | MCI_STATUS_UC | MCI_STATUS_EN | MCI_STATUS_MISCV
+              | MCI_STATUS_ADDRV | MCI_STATUS_S)
+    mcg_status = MCG_STATUS_MCIP | MCG_STATUS_RIPV
+    if action_required:
+        status |= MCI_STATUS_AR | MCACOD_SRAR_DATA_LOAD
+        mcg_status |= MCG_STATUS_EIPV
+    else:
+        status |= MCACOD_SRAO_SCRUB
+    return status, gpa, MCI_MISC_VALUE, mcg_status
+
+
+def pick_bare_efault_gpa(bad_gpas: list[int] | tuple[int, ...],
+                         handled: set[int] | frozenset[int]) -> int | None:
+    """Recover the GPA of a bare -EFAULT: the lowest bad GPA (from a scan of the file
+    windows) not yet handled; None if there is none (the caller gives up: abort)."""
+    fresh = [g for g in bad_gpas if g not in handled]
+    return min(fresh) if fresh else None
