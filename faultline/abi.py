@@ -134,6 +134,11 @@ R_NOTIFY = 9  # notification ring drained: a = records, b = pages offlined
 R_EXCEPTION = 10  # unexpected exception: a = vector, b = error code, c = rip, d = cr2
 R_IDLE = 11  # vCPU has no runnable task left: a = vcpu id
 R_PANIC = 12  # guest kernel gave up: a = reason code, b/c/d = detail
+# R_PANIC reason codes (a)
+PANIC_BAD_BOOT_INFO = 1  # b = which check failed, c = boot info gpa
+PANIC_KERNEL_EXCEPTION = 2  # b = vector, c = rip, d = cr2 (after an R_EXCEPTION)
+PANIC_NO_MEMORY = 3  # the guest's page allocator (below ANON_POOL_GPA) ran out
+PANIC_KERNEL_MCE = 4  # an action-required #MC in kernel mode outside a fixable copy
 REPORT_KINDS = {
     R_BOOT: "boot",
     R_TASK_START: "task_start",
