@@ -83,10 +83,13 @@ class Detector:
     is only touched by that vCPU's thread; the handled set is append-only."""
 
     def __init__(self, memory: GuestMemory, ram_end: int,
-                 translate: Callable[[int, int], int | None]) -> None:
+                 translate: Callable[[int, int], int | None],
+                 locate: Callable[[int], list[tuple[int, int, str]]] | None = None) -> None:
         self.memory = memory
         self.ram_end = ram_end
         self.translate = translate  # (vcpu, gva) -> gpa | None, via KVM_TRANSLATE
+        # (vcpu) -> [(gpa, size, kind)] the instruction at RIP touches, fetch first
+        self.locate = locate
         self.handled: dict[int, int] = {}  # page gpa -> times handled
 
     def from_exit(self, vcpu: int, ex: exits.Exit, rip: int | None = None) -> MemoryFault | None:
@@ -118,9 +121,22 @@ class Detector:
                            in_progress=si_code == 5)
 
     def _recover_bare(self, vcpu: int, poisoned: bool) -> MemoryFault:
-        """A bare -EFAULT names no gpa: the bad page is one of the windows' pages that is
-        beyond EOF or a hole and not yet handled; take the lowest. If there is none, the
-        fault cannot be connected to a file and the VM cannot continue."""
+        """A bare -EFAULT names no gpa. First decode the instruction at RIP and translate
+        what it touches: a window page that cannot be backed (or a store to a read-only
+        window) is the fault, exact to the byte. Failing that (no decodable access), the
+        bad page is one of the windows' pages beyond EOF or a hole not yet handled: take
+        the lowest. If there is none, the fault cannot be connected to a file and the VM
+        cannot continue."""
+        if self.locate is not None:
+            for gpa, size, kind in self.locate(vcpu):
+                region = self.memory.find_region(gpa)
+                if region is None or region.kind != "file":
+                    continue
+                cause = self.memory.resolve(gpa, cross_check=False).cause
+                if poisoned or cause in ("beyond-eof", "hole") or (
+                        kind == "write" and region.readonly):
+                    return MemoryFault(gpa, size, kind, "bare-efault", vcpu,
+                                       poisoned=poisoned)
         for r in self.memory:
             for gpa in bad_pages(r):
                 if gpa not in self.handled:

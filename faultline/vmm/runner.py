@@ -23,9 +23,10 @@ from typing import Any
 
 from faultline import abi
 from faultline.kvm import Kvm, KvmError, Vcpu, Vm, exits, uapi
-from faultline.memory import GuestMemory
+from faultline.memory import GuestMemory, GuestMemoryError
 from faultline.outcome import EventLog, FaultRecord, Outcome, Signal, TaskOutcome
 from faultline.scenario import HostEvent, Scenario, file_contents
+from faultline.vmm import decode
 from faultline.vmm import policy as pol
 from faultline.vmm.faults import Detector, MemoryFault, Unrecoverable, bad_pages, resolve
 from faultline.vmm.uffd import SigbusOnMissing, UffdUnavailable, on_tmpfs
@@ -108,6 +109,7 @@ class KvmRun:
             tempfile.mkdtemp(prefix="faultline-", dir=shm))
         self.uffd: SigbusOnMissing | None = None
         self.lock = threading.RLock()
+        self.watch_lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.stopping = False
         self.finished_tasks: set[str] = set()
@@ -165,7 +167,7 @@ class KvmRun:
             boot.setup_vcpu(vcpu, i, image, self.kvm)
             vcpu.setup_mce(mcg_cap)
             self.vcpus.append(VcpuState(i, vcpu))
-        self.detector = Detector(self.memory, sc.ram_bytes, self._translate)
+        self.detector = Detector(self.memory, sc.ram_bytes, self._translate, self._locate)
         if self.policy == "proactive":
             self._start_watch()
 
@@ -187,7 +189,32 @@ class KvmRun:
 
     def _translate(self, vcpu: int, gva: int) -> int | None:
         t = self.vcpus[vcpu].vcpu.translate(gva)
-        return t.physical_address if t.valid else None
+        return t.gpa if t.valid else None
+
+    def _locate(self, vcpu: int) -> list[tuple[int, int, str]]:
+        """GPAs the instruction at RIP touches (fetch first), for a bare -EFAULT."""
+        v = self.vcpus[vcpu].vcpu
+        regs = v.get_regs()
+        rip_gpa = self._translate(vcpu, regs.rip)
+        if rip_gpa is None:
+            return []
+        out = [(rip_gpa, 1, "exec")]
+        code = b""
+        # Never read the code through a window mapping that may be gone: pread/RAM only.
+        with contextlib.suppress(GuestMemoryError, OSError):
+            n = min(15, abi.PAGE_SIZE - (rip_gpa & (abi.PAGE_SIZE - 1)))
+            code = self.memory.read(rip_gpa, n)
+            nxt = self._translate(vcpu, regs.rip + n) if n < 15 else None
+            if nxt is not None:
+                code += self.memory.read(nxt, 15 - n)
+        if not code:
+            return out
+        values = {name: getattr(regs, name) for name, _ in uapi.kvm_regs._fields_}
+        for acc in decode.accesses(code, regs.rip, values)[1:]:
+            gpa = self._translate(vcpu, acc.gva)
+            if gpa is not None:
+                out.append((gpa, acc.size, acc.kind))
+        return out
 
     # --- the run ----------------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -508,7 +535,7 @@ class KvmRun:
                                        mcg_status=mcg_status, bank=pol.MCE_BANK)
                 vcpu.set_mce(mce)
                 self.log.emit("vmm_inject_mce", vcpu=v.index, gpa=hex(gpa),
-                              kind="SRAR" if ar else "SRAO", status=hex(status),
+                              mce="SRAR" if ar else "SRAO", status=hex(status),
                               mcg_status=hex(mcg_status), bank=pol.MCE_BANK)
         if v.pending_irq:
             if kvm_run[_OFF_READY_FOR_IRQ] and kvm_run[_OFF_IF_FLAG]:
@@ -664,8 +691,8 @@ class KvmRun:
                       size_before=before, size_after=after, offset=ev.offset,
                       length=ev.length)
         if self.policy == "proactive":
-            self._poll_watch(v if v is not None else self.vcpus[0] if self.vcpus else None,
-                             timeout=1.0)
+            self._sync_watch(v if v is not None else (self.vcpus[0] if self.vcpus else None),
+                             region)
 
     # --- proactive: watch the backing files ---------------------------------------------------
     def _start_watch(self) -> None:
@@ -681,26 +708,31 @@ class KvmRun:
         t.start()
 
     def _watch_thread(self) -> None:
+        import select
+
         while not self.stopping and self.inotify is not None:
             try:
-                self._poll_watch(None, timeout=0.1)
+                ready, _, _ = select.select([self.inotify.fileno()], [], [], 0.1)
+                if ready:
+                    self._poll_watch(None)
             except (OSError, ValueError):
                 return
 
-    def _poll_watch(self, v: VcpuState | None, timeout: float) -> None:
-        """Read inotify events (the change may come from any process) and notify the guest
-        of every page that became bad and that it was not told about yet."""
-        ino = self.inotify
-        if ino is None:
-            return
-        with self.lock:
-            events = ino.read(timeout=int(timeout * 1000))
-            names = {self.watch_paths.get(e.wd) for e in events} - {None}
-            for name in sorted(n for n in names if n is not None):
+    def _poll_watch(self, v: VcpuState | None) -> int:
+        """Read pending inotify events (the change may come from any process) and notify
+        the guest of every page that became bad and that it was not told about yet.
+        Returns the number of pages notified. Never blocks on the VM lock while reading."""
+        with self.watch_lock:
+            ino = self.inotify
+            if ino is None:
+                return 0
+            events = ino.read(timeout=0)
+            names = sorted({n for e in events if (n := self.watch_paths.get(e.wd))})
+            total = 0
+            for name in names:
                 region = self.memory.region(name)
-                f = self.sc.file(name)
                 size = os.fstat(region.fd).st_size
-                old = self.known_size.get(name, f.size)
+                old = self.known_size.get(name, self.sc.file(name).size)
                 fresh = [g for g in bad_pages(region) if g not in self.notified]
                 self.log.emit("vmm_file_change", file=name, size_before=old, size_after=size,
                               bad_pages=len(fresh))
@@ -712,6 +744,19 @@ class KvmRun:
                 target = v if v is not None else self._irq_target()
                 if target is not None:
                     self._notify(target, d, ar_gpa=None)
+                    total += len(fresh)
+            return total
+
+    def _sync_watch(self, v: VcpuState | None, region: Any) -> None:
+        """After a host event the runner itself caused: wait (briefly) until the watcher
+        has seen it, so 'proactive' really acts before the guest runs on."""
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            if all(g in self.notified for g in bad_pages(region)):
+                return
+            self._poll_watch(v)
+            time.sleep(0.001)
+        self.log.emit("vmm_watch_timeout", file=region.name)
 
     def _irq_target(self) -> VcpuState | None:
         for v in self.vcpus:
