@@ -128,7 +128,8 @@ R_STEP = 3  # task finished a step: a = pc, b = steps done so far
 R_VALUE = 4  # a = vaddr, b = value, c = gpa, d = VALUE_* kind
 R_EXIT = 5  # task exited: a = code
 R_SIGNAL = 6  # task got a signal: a = signo, b = si_code, c = vaddr, d = gpa
-R_OFFLINE = 7  # frame offlined by memory_failure: a = gpa, b = OFFLINE_* source
+R_OFFLINE = 7  # frames offlined by memory_failure: a = first gpa, b = OFFLINE_* source,
+#               c = pages (a notified range is one record)
 R_MCE = 8  # #MC taken: a = MCG_STATUS, b = MCi_STATUS, c = MCi_ADDR, d = MCi_MISC
 R_NOTIFY = 9  # notification ring drained: a = records, b = pages offlined
 R_EXCEPTION = 10  # unexpected exception: a = vector, b = error code, c = rip, d = cr2
@@ -183,6 +184,12 @@ NOTIFY_HEADER = struct.Struct("<IIII")
 NOTIFY_ENTRY = struct.Struct("<QQIIQ")
 NOTIFY_F_AR = 1 << 0
 NOTIFY_AR_VCPU_SHIFT = 8
+# The interrupt cannot carry an action-required failure into *kernel* code that runs with
+# interrupts off (the guest's own `kread` copy): on this host no IRQ-window exit happens
+# inside a short sti window. So the VMM also writes the failed access's gpa into a per-vCPU
+# mailbox at REPORT_BUF_GPA + vcpu * REPORT_BUF_STRIDE + AR_MAILBOX_OFFSET before it
+# re-enters; the kernel checks it right after its copy (and clears it), synchronously.
+AR_MAILBOX_OFFSET = 0xF8
 NOTIFY_ENTRIES = 64
 CAUSE_BEYOND_EOF = 1
 CAUSE_HOLE = 2

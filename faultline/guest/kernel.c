@@ -59,6 +59,7 @@ struct cpu {
     u8 list[KMAX_TASKS];
     struct report *rep, *rep_main, *rep_nested;
     u32 idle_reported, kread_ar, npending;
+    u64 ar_consumed; /* gpa whose failure a KREAD already turned into -EIO */
     u64 pending[PENDING_MAX]; /* AO #MC pfns taken while this vCPU held the lock */
 };
 
@@ -372,10 +373,24 @@ static void exit_task(struct cpu *c, struct task *t, u64 code)
 
 static void drain_pending(struct cpu *c);
 
+static volatile u64 *ar_mailbox(struct cpu *c)
+{
+    return (volatile u64 *)((u64)c->rep_main + AR_MAILBOX_OFFSET);
+}
+
 /* Offline one frame: poison it, unmap it from every task (not-present PTE with the poison
  * bit), report, early-kill the mappers that asked for it. Returns 1 if newly poisoned.
  * No report (exit) happens while the lock is held. */
+static int memory_failure_q(struct cpu *c, u64 pfn, u32 source, int ar_task, int quiet);
+
 static int memory_failure(struct cpu *c, u64 pfn, u32 source, int ar_task)
+{
+    return memory_failure_q(c, pfn, source, ar_task, 0);
+}
+
+/* quiet: the caller reports the offlined range itself (one R_OFFLINE for a whole notified
+ * range instead of one exit per page). */
+static int memory_failure_q(struct cpu *c, u64 pfn, u32 source, int ar_task, int quiet)
 {
     struct { u16 task; u64 vaddr; } victims[KMAX_TASKS];
     u32 nv = 0;
@@ -403,7 +418,8 @@ static int memory_failure(struct cpu *c, u64 pfn, u32 source, int ar_task)
         }
     }
     unlock();
-    report(c, R_OFFLINE, NO_TASK, pfn << PAGE_SHIFT, source, 0, 0);
+    if (!quiet)
+        report(c, R_OFFLINE, NO_TASK, pfn << PAGE_SHIFT, source, 1, 0);
     for (u32 i = 0; i < nv; i++)
         report(c, R_SIGNAL, tasks[victims[i].task].id, SIGBUS, BUS_MCEERR_AO, victims[i].vaddr,
                pfn << PAGE_SHIFT);
@@ -580,6 +596,17 @@ static void do_syscall(struct cpu *c, struct frame *f)
         }
         c->kread_ar = 0;
         struct kread_result r = kread_copy(va);
+        /* The VMM names an access that did not complete (its load returned filler) in this
+         * vCPU's mailbox before re-entering: checked synchronously, since no interrupt can
+         * get into this interrupts-off path in time. */
+        volatile u64 *mbox = ar_mailbox(c);
+        u64 failed = *mbox;
+        u64 gpa = m->gpa + (va & (PAGE_SIZE - 1));
+        if (failed && (failed >> PAGE_SHIFT) == (gpa >> PAGE_SHIFT)) {
+            *mbox = 0;
+            c->ar_consumed = failed;
+            r.err = -EIO;
+        }
         /* Let a pending notification in: if it offlined this page (or names this vCPU's
          * access as failed), the value is not to be trusted. */
         asm volatile("sti; nop; nop; cli" ::: "memory");
@@ -709,12 +736,28 @@ static void do_notify(struct cpu *c, struct frame *f)
         if (r && !(e.gpa & (PAGE_SIZE - 1))) {
             u64 pfn = e.gpa >> PAGE_SHIFT;
             u64 np = e.npages < r->end_pfn - pfn ? e.npages : r->end_pfn - pfn;
-            for (u64 p = 0; p < np; p++)
-                pages += memory_failure(c, pfn + p, OFFLINE_NOTIFY, mine ? cur : -1);
+            u64 run = 0; /* newly offlined pages ending at pfn + p, reported as one range */
+            for (u64 p = 0; p < np; p++) {
+                if (memory_failure_q(c, pfn + p, OFFLINE_NOTIFY, mine ? cur : -1, 1)) {
+                    run++;
+                    pages++;
+                } else if (run) {
+                    report(c, R_OFFLINE, NO_TASK, (pfn + p - run) << PAGE_SHIFT,
+                           OFFLINE_NOTIFY, run, 0);
+                    run = 0;
+                }
+            }
+            if (run)
+                report(c, R_OFFLINE, NO_TASK, (pfn + np - run) << PAGE_SHIFT, OFFLINE_NOTIFY,
+                       run, 0);
         }
-        if (mine) {
+        if (mine && c->ar_consumed && e.ar_gpa == c->ar_consumed) {
+            c->ar_consumed = 0; /* a KREAD already failed with -EIO for it */
+            mine = 0;
+        } else if (mine) {
             ar = 1;
             ar_gpa = e.ar_gpa;
+            *ar_mailbox(c) = 0;
         }
         tail++;
         records++;

@@ -514,6 +514,9 @@ class KvmRun:
                 self.log.emit("vmm_notify", vcpu=v.index, first=hex(first), npages=npages,
                               cause=cause, ar_gpa=hex(ar) if flags else None)
             abi.NOTIFY_HEADER.pack_into(self.ram_view, ring, head, tail, entries, 0)
+            if ar_gpa is not None:
+                mbox = abi.REPORT_BUF_GPA + v.index * abi.REPORT_BUF_STRIDE + abi.AR_MAILBOX_OFFSET
+                self.ram_view[mbox:mbox + 8] = ar_gpa.to_bytes(8, "little")
             v.pending_irq = True
             self.cond.notify_all()
         if v.thread is not threading.current_thread():
@@ -628,9 +631,11 @@ class KvmRun:
                    d: int) -> None:
         src = {abi.OFFLINE_MCE_AR: "mce-ar", abi.OFFLINE_MCE_AO: "mce-ao",
                abi.OFFLINE_NOTIFY: "notify"}.get(b, str(b))
+        npages = max(1, min(c, 1 << 20))
         with self.lock:
-            self.outcome.offlined.add(a)
-        self.log.emit("guest_memory_failure", vcpu=v.index, gpa=hex(a), source=src)
+            self.outcome.offlined.update(range(a, a + npages * abi.PAGE_SIZE, abi.PAGE_SIZE))
+        self.log.emit("guest_memory_failure", vcpu=v.index, gpa=hex(a), pages=npages,
+                      source=src)
 
     def _r_mce(self, v: VcpuState, task: str | None, a: int, b: int, c: int, d: int) -> None:
         self.log.emit("guest_mce", vcpu=v.index, task=task, mcg_status=hex(a),
