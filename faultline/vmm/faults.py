@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from faultline.abi import PAGE_SIZE
 from faultline.kvm import exits
-from faultline.memory import GuestMemory, Region
+from faultline.memory import GuestMemory, MapsEntry, Region
 from faultline.outcome import FaultRecord
 
 EHWPOISON = getattr(_errno, "EHWPOISON", 133)
@@ -154,9 +154,10 @@ class Detector:
             raise Unrecoverable(f"gpa {page:#x} faulted {n} times after being handled")
 
 
-def resolve(memory: GuestMemory, fault: MemoryFault) -> FaultRecord:
+def resolve(memory: GuestMemory, fault: MemoryFault) -> tuple[FaultRecord, MapsEntry | None]:
     """GPA -> HVA -> (file, offset, size now) and the cause, cross-checked with
-    /proc/self/maps (the mapping must be the region's file at the region's offset)."""
+    /proc/self/maps (the mapping must be the region's file at the region's offset).
+    Returns the record and the maps line it was checked against."""
     res = memory.resolve(fault.gpa)
     cause = res.cause
     if fault.poisoned:
@@ -173,4 +174,4 @@ def resolve(memory: GuestMemory, fault: MemoryFault) -> FaultRecord:
         if problems:
             cause = f"{cause} (maps: {'; '.join(problems)})"
     return FaultRecord(fault.gpa, res.hva, path, res.file_offset, res.file_size, cause,
-                       fault.source)
+                       fault.source), res.mapping

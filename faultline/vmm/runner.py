@@ -456,10 +456,11 @@ class KvmRun:
         self.outcome.count_exit("memory_fault")
         self.log.emit("kvm_exit", vcpu=v.index, exit="memory_fault", source=fault.source,
                       gpa=hex(fault.gpa), access=fault.access, size=fault.size)
-        rec = resolve(self.memory, fault)
+        rec, maps = resolve(self.memory, fault)
         with self.lock:
             self.outcome.faults.append(rec)
-        self.log.emit("vmm_resolve", vcpu=v.index, line=rec.line(), **rec.to_json())
+        self.log.emit("vmm_resolve", vcpu=v.index, line=rec.line(), **rec.to_json(),
+                      maps=maps._asdict() if maps is not None else None)
         try:
             self.detector.note_handled(fault)
         except Unrecoverable as e:
