@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,29 +34,38 @@ def _err(msg: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from faultline.backends import UsageError, resolve_backend, run_scenario
-    from faultline.vmm.runner import BackendError
+    from faultline.vmm.runner import BackendError, Interrupted
 
     stem = Path(args.scenario).stem
     try:
         backend = resolve_backend(args.backend)
     except UsageError as e:
-        _err(str(e))
-        return EXIT_USAGE
+        backend, bad_backend = args.backend, e
+    else:
+        bad_backend = None
     events_path = Path(args.events) if args.events else _default_events(
         stem, backend, args.design or ("host" if backend == "kvm" else "default"),
         args.policy or "default")
+    # The log exists before anything can fail: every run leaves one, bad input included.
     log = EventLog(events_path, clock="us" if backend == "kvm" else "step")
     try:
         try:
+            if bad_backend is not None:
+                raise bad_backend
             sc = load(args.scenario)
+            kvm_kw = {"watchdog_s": args.watchdog, "keep": args.keep} if backend == "kvm" else {}
             outcome = run_scenario(sc, backend=backend, design=args.design,
-                                   policy=args.policy, log=log, seed=args.seed,
-                                   **({"watchdog_s": args.watchdog} if backend == "kvm"
-                                      else {}))
+                                   policy=args.policy, log=log, seed=args.seed, **kvm_kw)
         except (ScenarioError, UsageError, BackendError) as e:
             log.emit("error", error=str(e))
             _err(str(e))
             return EXIT_USAGE
+        except Interrupted as e:
+            # The outcome so far (vm aborted, reason interrupted) is in the log already.
+            e.outcome.events_path = str(events_path)
+            _print_outcome(e.outcome, log, args, [])
+            _err("interrupted")
+            return EXIT_INTERRUPTED
         except KeyboardInterrupt:
             log.emit("error", error="interrupted")
             _err("interrupted")
@@ -115,7 +126,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(scenario=str(SCENARIOS / "dax-truncate.toml"), backend=backend,
                             design=None if backend == "kvm" else "error-gfn", policy="mce",
                             json=False, events=args.events, seed=None, verbose=False,
-                            watchdog=10.0)
+                            watchdog=10.0, keep=False)
     print(f"faultline demo: scenarios/dax-truncate.toml on {backend}"
           + (" (design error-gfn: /dev/kvm is not usable here)" if backend == "model" else "")
           + ", policy mce\n")
@@ -136,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="model: a seeded random schedule")
     r.add_argument("--watchdog", type=float, default=10.0,
                    help="kvm: seconds without progress before the run is declared hung")
+    r.add_argument("--keep", action="store_true",
+                   help="kvm: keep the run directory (backing files) after the run")
     r.add_argument("-v", "--verbose", action="store_true", help="show every event")
     r.set_defaults(func=cmd_run)
 
@@ -149,9 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a run the way SIGINT does: outcome + log kept
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

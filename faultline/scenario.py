@@ -459,8 +459,11 @@ class _Mapper:
             if page >= f.pages:
                 raise ScenarioError(self.source, self.key,
                                     f"{region}[{page}] is outside the {f.pages}-page window")
+            # The guest maps what the program writes as writable even over a read-only
+            # window: the host (KVM_MEM_READONLY) must be what refuses the store, and the
+            # VMM must report it (cause read-only), not drop it silently.
             m = Mapping(len(self.maps), region, page, abi.window_vaddr(f.index, page), f.gpa(page),
-                        write and not f.readonly, exec_, f.index)
+                        write, exec_, f.index)
         self.maps.append(m)
         self.slots[k] = m.slot
         return m.slot
@@ -588,9 +591,16 @@ def _compile(source: str, key: str, lines: list[Any], mapper: _Mapper) -> tuple[
         elif op == abi.OP_LOOP:
             need(2, "loop COUNT LABEL")
             count = _int(source, k, args[0], 1, 0xFFFF_FFFF)
-            if args[1] not in labels:
+            if args[1].isdigit():  # an instruction index, as in the bytecode
+                target = int(args[1])
+                if target >= len(stmts):
+                    raise ScenarioError(source, k, f"jump target {target} is outside the "
+                                                   f"program ({len(stmts)} instructions)")
+            elif args[1] in labels:
+                target = labels[args[1]]
+            else:
                 raise ScenarioError(source, k, f"unknown label {args[1]!r}")
-            out.append(Insn(op, 0, 0, labels[args[1]], count, text))
+            out.append(Insn(op, 0, 0, target, count, text))
     if out[-1].op not in (abi.OP_EXIT, abi.OP_LOOP):
         raise ScenarioError(source, key, "the program must end with 'exit CODE'")
     return tuple(out)

@@ -48,6 +48,15 @@ class BackendError(Exception):
     """The scenario cannot run on this backend here (one line for the CLI, exit 2)."""
 
 
+class Interrupted(Exception):
+    """SIGINT/SIGTERM stopped the run; `outcome` is what it had come to (vm aborted,
+    reason 'interrupted'), already written to the event log."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__("interrupted")
+        self.outcome = outcome
+
+
 def _noop_handler(signum: int, frame: object) -> None:  # the kick only needs EINTR
     pass
 
@@ -84,7 +93,10 @@ class KvmRun:
     def __init__(self, scenario: Scenario, policy: str, *, events_path: str | Path | None,
                  run_dir: str | Path | None = None, keep: bool = False,
                  watchdog_s: float = 10.0, kernel: str | Path | None = None,
-                 log: EventLog | None = None) -> None:
+                 log: EventLog | None = None, programs: dict[int, bytes] | None = None,
+                 image: Any = None) -> None:
+        """`programs` (task index -> raw bytecode) and `image` (a boot.KernelImage, e.g. of
+        random bytes) replace what the scenario would load: hostile-guest tests use them."""
         if policy not in pol.POLICIES:
             raise BackendError(f"unknown policy {policy!r} (one of: {', '.join(pol.POLICIES)})")
         for ev in scenario.events:
@@ -96,6 +108,8 @@ class KvmRun:
         self.policy = policy
         self.watchdog_s = watchdog_s
         self.kernel = kernel
+        self.programs = programs
+        self.image = image
         self.keep = keep
         self.log = log if log is not None else EventLog(events_path)
         self.outcome = Outcome(scenario.name, "kvm", "host", policy,
@@ -159,8 +173,11 @@ class KvmRun:
                                            uapi.KVM_MEM_READONLY if ro else 0)
             self.log.emit("memslot", slot=slot, gpa=hex(gpa), size=size, hva=hex(hva),
                           readonly=ro)
-        image = boot.load_kernel(kernel_path() if self.kernel is None else Path(self.kernel))
-        boot.write_boot(self.memory.write, sc, image)
+        image = self.image
+        if image is None:
+            image = boot.load_kernel(kernel_path() if self.kernel is None else Path(self.kernel))
+        boot.write_boot(self.memory.write, sc, image,
+                        boot_info=boot.build_boot_info(sc, programs=self.programs))
         mcg_cap = (self.kvm.mce_cap_supported() & (uapi.MCG_CTL_P | uapi.MCG_SER_P)) | 10
         for i in range(sc.vcpus):
             vcpu = self.vm.create_vcpu(i)
@@ -235,7 +252,11 @@ class KvmRun:
             for v in self.vcpus:
                 assert v.thread is not None
                 v.thread.start()
-            self._supervise()
+            try:
+                self._supervise()
+            except KeyboardInterrupt:
+                self._finish()
+                raise Interrupted(self.outcome) from None
             self._finish()
             return self.outcome
         finally:
