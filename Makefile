@@ -28,5 +28,9 @@ test-slow: guest
 bench: guest
 	$(BIN)/faultline bench all
 
+# Long fuzzing profile for hostile guests (the default test run keeps a fast one).
+fuzz: guest
+	FAULTLINE_FUZZ_EXAMPLES=300 $(BIN)/python -m pytest -q tests/test_robustness.py -k random
+
 clean:
 	rm -rf $(VENV) build faultline/guest/out *.egg-info
