@@ -27,16 +27,19 @@ DEFAULT_MAX_STEPS = 100_000
 def simulate(scenario: Scenario, design: str, policy: str, *, seed: int | None = None,
              events_path: str | Path | None = None, max_steps: int = DEFAULT_MAX_STEPS,
              livelock_visits: int = 20, log: EventLog | None = None,
-             **params: Any) -> Outcome:
+             schedule: list[str] | None = None, **params: Any) -> Outcome:
     """One deterministic schedule (round-robin, or seeded random) of the model. The event
-    log is `log` if given (the caller closes it), else a new one at `events_path`."""
+    log is `log` if given (the caller closes it), else a new one at `events_path`.
+    `schedule` (action names, e.g. a checker counterexample) is followed first, step by
+    step; a step whose action is not enabled raises ReplayError. The default schedule then
+    finishes the run."""
     system = System(scenario, design, policy, **params)
     own_log = log is None
     if log is None:
         log = EventLog(events_path, clock="step")
     outcome = Outcome(scenario.name, "model", design, policy, events_path=log.path)
     try:
-        _run(system, log, outcome, seed, max_steps, livelock_visits)
+        _run(system, log, outcome, seed, max_steps, livelock_visits, schedule or [])
     finally:
         system._ev = None
         if own_log:
@@ -45,8 +48,12 @@ def simulate(scenario: Scenario, design: str, policy: str, *, seed: int | None =
     return outcome
 
 
+class ReplayError(Exception):
+    """A replayed trace names an action that is not enabled at that step."""
+
+
 def _run(system: System, log: EventLog, outcome: Outcome, seed: int | None, max_steps: int,
-         livelock_visits: int) -> None:
+         livelock_visits: int, schedule: list[str]) -> None:
     sc = system.sc
     actors = ([f"vcpu{v}" for v in range(sc.vcpus)] + [f"async{v}" for v in range(sc.vcpus)]
               + ["vmm"])
@@ -80,6 +87,22 @@ def _run(system: System, log: EventLog, outcome: Outcome, seed: int | None, max_
             outcome.reason = f"no end after {max_steps} steps"
             log.emit("step_limit", steps=max_steps)
             break
+        if len(history) < len(schedule):
+            want = schedule[len(history)]
+            en = system.enabled(state)
+            hit = next((item for item in en if item[0] == want), None)
+            if hit is None:
+                shown = ", ".join(item[0] for item in en) or "none"
+                raise ReplayError(f"trace step {len(history) + 1}: action {want!r} is not "
+                                  f"enabled (enabled: {shown})")
+            log.step += 1
+            history.append(want)
+            system._ev = emit
+            state = hit[2](state, *hit[3])
+            system._ev = None
+            if len(history) == len(schedule):
+                log.emit("replay_end", steps=len(schedule))
+            continue
         key = (state, ptr) if rng is None else state
         if rng is None:
             if key in seen:
