@@ -56,10 +56,16 @@ BOOT_MAGIC = 0x544F4F42544C4146  # "FALTBOOT"
 BOOT_VERSION = 1
 BOOT_OPT_APF = 1 << 0  # the guest enables async PF (model; ignored on kvm here)
 BOOT_OPT_VERBOSE = 1 << 1  # the guest prints each step to the serial port
+# Benchmark hook (`faultline bench exit-loop`): right after boot (R_BOOT and its banner),
+# vCPU 0 does `bench_exits` (the header's last u32, otherwise reserved) `outl`s to
+# BENCH_PORT in a tight loop, then continues normally. The VMM treats them as plain io exits.
+BOOT_OPT_BENCH_EXITS = 1 << 2
+BENCH_PORT = 0xF2
 
 # u64 magic, u32 version, u32 nr_vcpus, u64 ram_bytes, u32 nr_windows, u32 nr_tasks,
 # u32 windows_off, u32 tasks_off, u64 options, u64 notify_ring_gpa, u32 notify_vector,
-# u32 notify_entries, u64 report_buf_gpa, u32 report_buf_stride, u32 reserved
+# u32 notify_entries, u64 report_buf_gpa, u32 report_buf_stride,
+# u32 reserved (bench_exits with BOOT_OPT_BENCH_EXITS, else 0)
 BOOT_HEADER = struct.Struct("<QIIQIIIIQQIIQII")
 # u64 gpa, u64 bytes, u32 id, u32 flags
 BOOT_WINDOW = struct.Struct("<QQII")

@@ -848,6 +848,13 @@ static void load_descriptors(u32 id)
     asm volatile("lidt %0" ::"m"(i) : "memory");
 }
 
+/* `faultline bench exit-loop`: n back-to-back port exits, nothing else in between. */
+static void bench_exits(u32 n)
+{
+    for (u32 i = 0; i < n; i++)
+        outl(BENCH_PORT, i);
+}
+
 void kmain(u64 boot_gpa, u64 vcpu)
 {
     struct cpu *c = &cpus[vcpu];
@@ -898,6 +905,8 @@ void kmain(u64 boot_gpa, u64 vcpu)
     report(c, R_BOOT, NO_TASK, c->id, c->nr, 0, 0);
     if (c->id == 0)
         puts_serial("faultline guest up\n");
+    if (c->id == 0 && (boot->options & BOOT_OPT_BENCH_EXITS))
+        bench_exits(boot->reserved);
     struct frame f;
     zero(&f, sizeof(f));
     resume_user(c, &f, 1);

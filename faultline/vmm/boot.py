@@ -115,9 +115,13 @@ def _map_flags(m: Any) -> tuple[int, int]:
 
 
 def build_boot_info(scenario: Scenario, *, tasks: Iterable[TaskSpec] | None = None,
-                    programs: dict[int, bytes] | None = None) -> bytes:
+                    programs: dict[int, bytes] | None = None, bench_exits: int = 0) -> bytes:
     """The boot info block. ``programs`` (task index -> raw bytecode) overrides a task's
-    compiled program (tests use it to feed the guest hand-packed, unvalidated bytecode)."""
+    compiled program (tests use it to feed the guest hand-packed, unvalidated bytecode).
+    ``bench_exits`` > 0 sets BOOT_OPT_BENCH_EXITS: vCPU 0 does that many BENCH_PORT exits
+    right after boot (``faultline bench exit-loop``)."""
+    if not 0 <= bench_exits <= 0xFFFF_FFFF:
+        raise BootError(f"bench_exits {bench_exits} does not fit in a u32")
     task_list = list(scenario.tasks if tasks is None else tasks)
     programs = programs or {}
     hdr = abi.BOOT_HEADER
@@ -142,12 +146,13 @@ def build_boot_info(scenario: Scenario, *, tasks: Iterable[TaskSpec] | None = No
             abi.TASK_F_EARLY_KILL if t.early_kill else 0, 0))
         blobs += [maps, prog]
     options = (abi.BOOT_OPT_APF if scenario.apf else 0) | \
-        (abi.BOOT_OPT_VERBOSE if scenario.verbose else 0)
+        (abi.BOOT_OPT_VERBOSE if scenario.verbose else 0) | \
+        (abi.BOOT_OPT_BENCH_EXITS if bench_exits else 0)
     header = hdr.pack(
         abi.BOOT_MAGIC, abi.BOOT_VERSION, scenario.vcpus, scenario.ram_bytes,
         len(scenario.files), len(task_list), windows_off, tasks_off, options,
         abi.NOTIFY_RING_GPA, abi.NOTIFY_VECTOR, abi.NOTIFY_ENTRIES,
-        abi.REPORT_BUF_GPA, abi.REPORT_BUF_STRIDE, 0)
+        abi.REPORT_BUF_GPA, abi.REPORT_BUF_STRIDE, bench_exits)
     blob = header + windows + b"".join(task_recs) + b"".join(blobs)
     assert len(blob) == cursor
     if len(blob) > abi.BOOT_INFO_MAX_BYTES:
