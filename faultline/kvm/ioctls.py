@@ -251,12 +251,14 @@ class Vcpu(_Fd):
         """KVM_RUN, then decode kvm_run.  Never raises for a failed KVM_RUN: errors are
         exits too (MemoryFault, BareEfault, Intr, RunError)."""
         try:
-            _ioctl(self._fd, _KVM_RUN, 0)
+            # No arg: with an explicit 0, Python 3.11's fcntl.ioctl first tries the int as a
+            # buffer and builds (and drops) two exceptions per call: ~0.6 us of a ~9 us exit.
+            _ioctl(self._fd, _KVM_RUN)
         except OSError as e:
             if self._run is None:
                 raise KvmError("KVM_RUN", _errno.EBADF, "closed") from None
             return decode_error(self._run, e.errno)
-        except ValueError:  # fd -1: closed
+        except (ValueError, TypeError):  # fd -1: closed
             raise KvmError("KVM_RUN", _errno.EBADF, "closed") from None
         return decode_ok(self._run)
 

@@ -10,6 +10,7 @@ guest_memfd caps, ...) are defined here from Documentation/virt/kvm/api.rst.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Iterable, Sequence
 
 u8 = ctypes.c_uint8
@@ -493,15 +494,21 @@ def make_cpuid2(entries: int | Sequence[kvm_cpuid_entry2]) -> ctypes.Structure:
     return obj
 
 
+@functools.cache
+def _msrs_type(n: int) -> type[ctypes.Structure]:
+    # Built once per size: creating a ctypes class costs tens of microseconds, and the VMM
+    # reads MCG_STATUS on its fault path.
+    class kvm_msrs_n(_Struct):
+        _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", kvm_msr_entry * n)]
+
+    return kvm_msrs_n
+
+
 def make_msrs(entries: int | Iterable[tuple[int, int]]) -> ctypes.Structure:
     """A kvm_msrs with room for `entries` (a count, or (index, data) pairs to copy in)."""
     pairs = [] if isinstance(entries, int) else list(entries)
     n = entries if isinstance(entries, int) else len(pairs)
-
-    class kvm_msrs_n(_Struct):
-        _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", kvm_msr_entry * n)]
-
-    obj = kvm_msrs_n()
+    obj = _msrs_type(n)()
     obj.nmsrs = n
     for i, (index, data) in enumerate(pairs):
         obj.entries[i].index = index

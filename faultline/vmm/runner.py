@@ -84,6 +84,7 @@ class VcpuState:
     last_progress: float = 0.0
     pending_mce: list[tuple[int, bool]] = field(default_factory=list)  # (gpa, AR)
     pending_irq: bool = False
+    mce_injected: bool = False  # MCIP can only be set by an #MC we injected
     waiting: bool = False  # idle and parked in userspace
 
 
@@ -164,6 +165,9 @@ class KvmRun:
             self.memory.add_file(f.name, f.window_gpa, self.run_dir / f.path,
                                  size=f.window_bytes, readonly=f.readonly)
         self._arm_hole_detection()
+        for r in self.memory:  # read each window's /proc/self/maps line now, not on a fault
+            if r.kind == "file":
+                r.maps_entry(r.hva)
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
         with contextlib.suppress(KvmError):  # VMX needs it; harmless elsewhere
@@ -548,7 +552,10 @@ class KvmRun:
         """Deliver what is queued for this vCPU (called from its own thread)."""
         vcpu = v.vcpu
         if v.pending_mce:
-            mcg = vcpu.get_msrs([MSR_MCG_STATUS]).get(MSR_MCG_STATUS, 0)
+            # MCG_STATUS.MCIP is set only by an #MC we injected, so the first one needs no
+            # MSR read; after that, check it (a guest still in its handler would be shut down).
+            mcg = vcpu.get_msrs([MSR_MCG_STATUS]).get(MSR_MCG_STATUS, 0) \
+                if v.mce_injected else 0
             if mcg & MCIP:
                 # A second #MC while MCIP is set shuts the VM down: wait for the guest to
                 # finish its handler (it clears MCIP).
@@ -559,6 +566,7 @@ class KvmRun:
                 mce = uapi.kvm_x86_mce(status=status, addr=addr, misc=misc,
                                        mcg_status=mcg_status, bank=pol.MCE_BANK)
                 vcpu.set_mce(mce)
+                v.mce_injected = True
                 self.log.emit("vmm_inject_mce", vcpu=v.index, gpa=hex(gpa),
                               mce="SRAR" if ar else "SRAO", status=hex(status),
                               mcg_status=hex(mcg_status), bank=pol.MCE_BANK)
