@@ -34,6 +34,7 @@ def _err(msg: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from faultline.backends import UsageError, resolve_backend, run_scenario
+    from faultline.model.simulate import ReplayError
     from faultline.vmm.runner import BackendError, Interrupted
 
     stem = Path(args.scenario).stem
@@ -53,10 +54,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             if bad_backend is not None:
                 raise bad_backend
             sc = load(args.scenario)
-            kvm_kw = {"watchdog_s": args.watchdog, "keep": args.keep} if backend == "kvm" else {}
+            kvm_kw: dict[str, object] = (
+                {"watchdog_s": args.watchdog, "keep": args.keep} if backend == "kvm" else {})
+            if args.replay:
+                if backend != "model":
+                    raise UsageError("--replay runs a checker trace through the model: "
+                                     "add --backend model")
+                kvm_kw["schedule"] = _load_replay(args.replay)
             outcome = run_scenario(sc, backend=backend, design=args.design,
                                    policy=args.policy, log=log, seed=args.seed, **kvm_kw)
-        except (ScenarioError, UsageError, BackendError) as e:
+        except (ScenarioError, UsageError, BackendError, ReplayError) as e:
             log.emit("error", error=str(e))
             _err(str(e))
             return EXIT_USAGE
@@ -75,7 +82,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcome.events_path = str(events_path)
     problems = check(outcome, sc)
     _print_outcome(outcome, log, args, problems)
+    if getattr(args, "trace", None):
+        from faultline import trace
+
+        trace.write(args.trace, log.events, [t.name for t in sc.tasks])
     return EXIT_MISMATCH if problems else EXIT_OK
+
+
+def cmd_conform(args: argparse.Namespace) -> int:
+    """Run scenarios on kvm and on the model (memory-fault-exit, APF off); exit 1 on any
+    difference."""
+    from faultline import conform
+
+    try:
+        scenarios = conform.load_all(args.scenarios)
+    except ScenarioError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    root = Path(os.environ.get("FAULTLINE_RUNS", "runs"))
+    try:
+        results = conform.conform(scenarios, events_dir=root)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+    if args.json:
+        print(conform.dumps(results))
+    else:
+        conform.render(results)
+    return EXIT_MISMATCH if any(not c.ok for c in results) else EXIT_OK
+
+
+def _load_replay(path: str) -> list[str]:
+    """Action names from a checker counterexample (a step list, or a property/cell dict
+    holding one); anything else is bad input."""
+    from faultline.backends import UsageError
+    from faultline.check.replay import load_trace
+
+    try:
+        steps = load_trace(Path(path))
+        return [str(st["action"]) for st in steps]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: not a faultline trace ({e})") from None
 
 
 def _print_outcome(outcome: Outcome, log: EventLog, args: argparse.Namespace,
@@ -126,7 +173,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(scenario=str(SCENARIOS / "dax-truncate.toml"), backend=backend,
                             design=None if backend == "kvm" else "error-gfn", policy="mce",
                             json=False, events=args.events, seed=None, verbose=False,
-                            watchdog=10.0, keep=False)
+                            watchdog=10.0, keep=False, replay=None)
     print(f"faultline demo: scenarios/dax-truncate.toml on {backend}"
           + (" (design error-gfn: /dev/kvm is not usable here)" if backend == "model" else "")
           + ", policy mce\n")
@@ -147,18 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="model: a seeded random schedule")
     r.add_argument("--watchdog", type=float, default=10.0,
                    help="kvm: seconds without progress before the run is declared hung")
+    r.add_argument("--replay", metavar="TRACE.json",
+                   help="model: follow a checker counterexample, then finish the run")
     r.add_argument("--keep", action="store_true",
                    help="kvm: keep the run directory (backing files) after the run")
     r.add_argument("-v", "--verbose", action="store_true", help="show every event")
+    r.add_argument("--trace", metavar="FILE",
+                   help="also write a Chrome/Perfetto trace (JSON trace-event format)")
     r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("conform", help="same scenarios on kvm and on the model: compare")
+    c.add_argument("scenarios", nargs="*", help="scenario files (default: the whole corpus)")
+    c.add_argument("--json", action="store_true", help="print the comparisons as JSON")
+    c.set_defaults(func=cmd_conform)
 
     i = sub.add_parser("info", help="what KVM offers on this host")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
+    from faultline.check.cli import add_parser as add_check_parser
+
+    add_check_parser(sub)
+
     d = sub.add_parser("demo", help="the DAX-truncation scenario, end to end")
     d.add_argument("--events", help="where to write the event log")
     d.set_defaults(func=cmd_demo)
+
+    __import__("faultline.bench.cli", fromlist=["add_parser"]).add_parser(sub)
     return p
 
 
