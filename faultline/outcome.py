@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -149,11 +150,16 @@ def check(outcome: Outcome, scenario: Scenario) -> list[str]:
 
 
 class EventLog:
-    """The run's event log: one JSON object per line, written as it happens.
+    """The run's event log: one JSON object per line.
 
-    Line-buffered so that a run that dies still leaves what it saw. Thread-safe: every
-    vCPU thread and the VMM's watcher append to it.
+    ``emit`` only stamps the event and queues it; a writer thread serialises and writes
+    it (line-buffered), mostly while the vCPU threads sit in KVM_RUN with the GIL released,
+    so logging stays off the exit path. ``close`` (always called, also when a run fails or
+    is interrupted) drains the queue, so the log holds every event. Thread-safe: every vCPU
+    thread and the VMM's watcher emit.
     """
+
+    _STOP = object()
 
     def __init__(self, path: str | Path | None, *, clock: str = "us") -> None:
         self.path = str(path) if path is not None else ""
@@ -163,6 +169,12 @@ class EventLog:
         self._clock = clock  # "us": wall microseconds (kvm); "step": model step numbers
         self.step = 0
         self.events: list[dict[str, Any]] = []
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        if self._fh is not None:
+            self._writer = threading.Thread(target=self._write_loop, name="eventlog",
+                                            daemon=True)
+            self._writer.start()
 
     def emit(self, kind: str, *, vcpu: int | None = None, task: str | None = None,
              **fields: Any) -> dict[str, Any]:
@@ -177,15 +189,26 @@ class EventLog:
             ev["kind"] = kind
             ev.update(fields)
             self.events.append(ev)
-            if self._fh is not None:
-                self._fh.write(json.dumps(ev, default=_jsonable) + "\n")
+            if self._writer is not None:
+                self._q.put(ev)
             return ev
+
+    def _write_loop(self) -> None:
+        fh = self._fh
+        assert fh is not None
+        get, dumps, stop = self._q.get, json.dumps, self._STOP
+        while (ev := get()) is not stop:
+            fh.write(dumps(ev, default=_jsonable) + "\n")
 
     def close(self) -> None:
         with self._lock:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            self._q.put(self._STOP)
+            writer.join()
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
     def __enter__(self) -> EventLog:
         return self
