@@ -28,6 +28,10 @@ test-slow: guest
 bench: guest
 	$(BIN)/faultline bench all
 
+# Differential testing, kvm vs model, with many random scenarios (the default run keeps 15).
+conform-long: guest
+	FAULTLINE_CONFORM_EXAMPLES=300 $(BIN)/python -m pytest -q tests/test_conform.py -k differential
+
 # Long fuzzing profile for hostile guests (the default test run keeps a fast one).
 fuzz: guest
 	FAULTLINE_FUZZ_EXAMPLES=300 $(BIN)/python -m pytest -q tests/test_robustness.py -k random

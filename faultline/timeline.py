@@ -29,9 +29,28 @@ _STYLE = {
 _SKIP_FIELDS = {"seq", "t_us", "step", "vcpu", "task", "kind", "line"}
 
 
-def _detail(ev: dict[str, Any]) -> str:
-    if ev.get("kind") == "vmm_resolve" and ev.get("line"):
+RESOLVE_MARK = ">>"  # marks the resolution line without colour (NO_COLOR, a pipe)
+
+
+def _resolution(ev: dict[str, Any]) -> str:
+    """The GPA -> HVA -> file line: the real VMM logs it ready-made (``line``); the model
+    logs the fields only."""
+    if ev.get("line"):
         return str(ev["line"])
+    hva = ev.get("hva")
+    hva_s = (hva if isinstance(hva, str) else f"{hva:#x}") if hva is not None else "hva ?"
+    if not str(hva_s).startswith("hva"):
+        hva_s = f"hva {hva_s}"
+    off, size = ev.get("offset"), ev.get("file_size")
+    where = (f"{ev.get('path')} +{off:#x} (file size {size:#x})"
+             if isinstance(off, int) and isinstance(size, int) and ev.get("path")
+             else "no backing file")
+    return f"gpa {ev.get('gpa')} -> {hva_s} -> {where}: {ev.get('cause')}"
+
+
+def _detail(ev: dict[str, Any]) -> str:
+    if ev.get("kind") == "vmm_resolve":
+        return _resolution(ev)
     parts = []
     for k, v in ev.items():
         if k in _SKIP_FIELDS or v is None or v == [] or v == "":
@@ -43,20 +62,23 @@ def _detail(ev: dict[str, Any]) -> str:
 def render(events: Iterable[dict[str, Any]], outcome: Outcome | None = None, *,
            console: Console | None = None, verbose: bool = False) -> None:
     con = console or Console(highlight=False)
-    for ev in events:
+    shown = [ev for ev in events if verbose or str(ev.get("kind", "?")) not in _QUIET]
+    # Column widths from the events themselves, so long kernel-style names stay aligned.
+    task_w = max([10, *(len(str(ev.get("task") or "")) for ev in shown)])
+    kind_w = max([22, *(len(str(ev.get("kind", "?"))) for ev in shown)])
+    for ev in shown:
         kind = str(ev.get("kind", "?"))
-        if not verbose and kind in _QUIET:
-            continue
         if "t_us" in ev:
             when = f"{ev['t_us'] / 1000:9.3f}ms"
         else:
             when = f"step {ev.get('step', 0):>5}"
         vcpu = "" if ev.get("vcpu") is None else f"vcpu{ev['vcpu']}"
         task = ev.get("task") or ""
+        resolve = kind == "vmm_resolve"
         line = Text()
-        line.append(f"{when} {vcpu:<6} {task:<10} ")
-        line.append(f"{kind:<22}", style=_STYLE.get(kind, ""))
-        line.append(" " + _detail(ev), style="bold" if kind == "vmm_resolve" else "")
+        line.append(f"{RESOLVE_MARK if resolve else '  '} {when} {vcpu:<6} {task:<{task_w}} ")
+        line.append(f"{kind:<{kind_w}}", style=_STYLE.get(kind, ""))
+        line.append(" " + _detail(ev), style="bold reverse" if resolve else "")
         con.print(line, soft_wrap=True)
     if outcome is not None:
         summary(outcome, con)
@@ -82,5 +104,5 @@ def summary(outcome: Outcome, con: Console) -> None:
     exits = ", ".join(f"{k}={v}" for k, v in sorted(outcome.exits.items()))
     con.print(f"  exits: {exits or 'none'}")
     for f in outcome.faults:
-        con.print(f"  fault ({f.source}): {f.line()}")
+        con.print(f"  fault ({f.source}): {f.line()}", soft_wrap=True)
     con.print(f"  events: {outcome.events_path}")

@@ -1,4 +1,3 @@
-# ruff: noqa: RUF005  (hot path: explicit tuple concatenation/slicing is the state encoding)
 """Host mm: files (size, page cache, holes, poison), the VMM's VMAs, gup semantics.
 
 Pure functions over the F_* file tuple. gup results follow hva_to_pfn():
@@ -7,7 +6,12 @@ Pure functions over the F_* file tuple. gup results follow hva_to_pfn():
   blocking gup reads it into the page cache and succeeds);
 - a page at or beyond EOF: -EFAULT (VM_FAULT_SIGBUS) while the VMA stays valid, so with
   FOLL_NOWAIT it is indistinguishable from "needs I/O";
-- a poisoned page: -EHWPOISON.
+- a poisoned page: -EHWPOISON;
+- a hole, when the VMM registered the window with userfaultfd (MISSING +
+  UFFD_FEATURE_SIGBUS, as faultline's real VMM does: ``holes_fail``): the fault on the
+  missing page is VM_FAULT_SIGBUS, exactly like a page beyond EOF (FOLL_NOWAIT: "needs
+  I/O" on a valid VMA; blocking: -EFAULT). Without uffd a hole is allocated on first
+  touch and reads zeros.
 """
 
 from __future__ import annotations
@@ -42,13 +46,15 @@ def gup_nowait(f: tuple, page: int, write_to_ro_vma: bool = False) -> int:
     return GUP_OK if f[F_CACHED] & bit else GUP_NEEDS_IO
 
 
-def gup_blocking(f: tuple, page: int) -> tuple[int, tuple]:
+def gup_blocking(f: tuple, page: int, holes_fail: bool = False) -> tuple[int, tuple]:
     """A gup without FOLL_NOWAIT (or the async worker's get_user_pages_remote)."""
     bit = 1 << page
     if f[F_POISON] & bit:
         return GUP_HWPOISON, f
     if (page << PAGE_SHIFT) >= f[F_SIZE]:
         return GUP_EFAULT, f
+    if holes_fail and f[F_HOLES] & bit:
+        return GUP_EFAULT, f  # handle_userfault() -> VM_FAULT_SIGBUS
     if f[F_CACHED] & bit and not f[F_HOLES] & bit:
         return GUP_OK, f
     # Read in (or allocate the hole's page: it is no longer a hole, its data is zero).
@@ -64,8 +70,19 @@ def truncate(f: tuple, new_size: int, pages: int) -> tuple:
             f[F_POISON], min(f[F_ZERO_FROM], new_size))
 
 
-def extend(f: tuple, new_size: int) -> tuple:
-    return (max(new_size, f[F_SIZE]),) + f[1:]
+def extend(f: tuple, new_size: int, pages: int) -> tuple:
+    """ftruncate(2) to a larger size: the new range is sparse. Pages that start at or
+    beyond the old EOF are holes (the page holding the old EOF keeps its data)."""
+    old = f[F_SIZE]
+    if new_size <= old:
+        return f
+    first = (old + PAGE_SIZE - 1) >> PAGE_SHIFT
+    end = min(pages, (new_size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+    mask = 0
+    for p in range(first, end):
+        mask |= 1 << p
+    return (new_size, f[F_CACHED] & ~mask, f[F_HOLES] | mask, f[F_ZEROED] | mask,
+            f[F_POISON], f[F_ZERO_FROM])
 
 
 def punch_hole(f: tuple, offset: int, length: int, pages: int) -> tuple:
@@ -87,10 +104,17 @@ def poison(f: tuple, offset: int, length: int, pages: int) -> tuple:
             f[F_ZERO_FROM])
 
 
-def bad_pages(f: tuple, pages: int) -> list[int]:
-    """Window pages a guest access cannot be backed by: beyond EOF or poisoned."""
+def bad_pages(f: tuple, pages: int, holes: bool = False) -> list[int]:
+    """Window pages a guest access cannot be backed by: beyond EOF or poisoned (and holes,
+    when they fail: ``holes``)."""
     eof = (f[F_SIZE] + PAGE_SIZE - 1) >> PAGE_SHIFT
-    return [p for p in range(pages) if p >= eof or f[F_POISON] >> p & 1]
+    bad = f[F_POISON] | (f[F_HOLES] if holes else 0)
+    return [p for p in range(pages) if p >= eof or bad >> p & 1]
+
+
+def cannot_back(f: tuple, page: int, holes: bool = False) -> bool:
+    """A blocking gup of this page fails (beyond EOF, or a hole that fails)."""
+    return (page << PAGE_SHIFT) >= f[F_SIZE] or (holes and bool(f[F_HOLES] >> page & 1))
 
 
 def cause_of(f: tuple, page: int) -> str:

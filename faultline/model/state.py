@@ -67,7 +67,7 @@ FINISHED = (TS_EXITED, TS_SIGBUS, TS_KILLED)
 
 # --- guest kernel ---
 G_OFFLINED = 0  # bitmask of gidx frames taken offline by memory_failure
-G_RING = 1  # notification records not yet drained: ((first_gidx, npages, cause), ...)
+G_RING = 1  # undrained notification records: ((first_gidx, npages, cause, ar_task, vcpu), ...)
 
 # --- VMM ---
 M_ABORT = 0  # "" or the reason the VM was stopped

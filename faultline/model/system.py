@@ -116,6 +116,25 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "fail_cap": 3,  # T_FAILS saturates here (a label, not a behaviour)
     "exit_cap": 7,  # per-page exit counts saturate here
     "max_repeats": P.MAX_REPEATS,  # exits for an already-handled page before giving up
+    # The VMM registers every file window with userfaultfd (MISSING + UFFD_FEATURE_SIGBUS)
+    # over tmpfs, as faultline's real VMM does: the host fault on a hole (punched, or the
+    # sparse range of a re-extended file) is VM_FAULT_SIGBUS, exactly like a page beyond
+    # EOF. False: a hole is allocated on first touch and reads zeros (plain shmem/DAX).
+    "uffd_sigbus_holes": True,
+    # The VMM decodes the faulting instruction (as the real VMM does for every fault it
+    # catches), so it knows the exact byte the access touched, not only the gfn that
+    # KVM_EXIT_MEMORY_FAULT names: the fault record and an SRAR's MCi_ADDR carry it, and
+    # the guest's SIGBUS address is exact. False: page granularity (the gfn only).
+    "vmm_exact_gpa": True,
+    # proactive: the VMM's file watcher sees every host change before the guest runs on
+    # (the real runner waits for its watcher after each change it makes: _sync_watch).
+    # False: the watcher is a separate actor that may be late (races explored).
+    "proactive_sync": True,
+    # The notification interrupt goes to one vCPU (the faulting one; for proactive, the
+    # one whose step changed the file), as the real VMM's KVM_INTERRUPT does; the other
+    # vCPUs run on until it is taken (conformance sets this). False: every vCPU takes
+    # the pending notification before running anything (the checker's default).
+    "notify_one_vcpu": False,
 }
 
 
@@ -146,6 +165,10 @@ class System:
         self.fail_cap = p["fail_cap"]
         self.exit_cap = p["exit_cap"]
         self.max_repeats = p["max_repeats"]
+        self.holes_fail = bool(p["uffd_sigbus_holes"])
+        self.exact_gpa = bool(p["vmm_exact_gpa"])
+        self.proactive_sync = bool(p["proactive_sync"]) and policy == "proactive"
+        self.notify_one_vcpu = bool(p["notify_one_vcpu"])
         self._ev: Callable[..., Any] | None = None
 
         # Window pages get a global index (gidx) for bitmasks.
@@ -201,10 +224,17 @@ class System:
                  abi.OP_KREAD: A_KREAD, abi.OP_READ_SPAN: A_READ}
         if op not in kinds:
             return ()
-        slots = range(ins.slot, ins.slot + ins.imm) if op == abi.OP_READ_SPAN else (ins.slot,)
+        if op == abi.OP_READ_SPAN:
+            # Pages of the span by address, as the guest's interpreter finds them: a page
+            # mapped by an earlier instruction keeps its earlier slot, so the span's slots
+            # need not be consecutive.
+            base = t.maps[ins.slot].vaddr
+            maps = [t.map_for_vaddr(base + i * abi.PAGE_SIZE) for i in range(ins.imm)]
+        else:
+            maps = [t.maps[ins.slot]]
         out = []
-        for s in slots:
-            m = t.maps[s]
+        for m in maps:
+            assert m is not None  # the scenario compiler maps every page of a span
             addr = m.gpa + ins.arg
             vaddr = m.vaddr + ins.arg
             expect = ins.imm if (op in (abi.OP_READ, abi.OP_KREAD)
@@ -265,7 +295,9 @@ class System:
             elif vc[V_MCEQ]:
                 out.append((f"vcpu{v} guest #MC gpa={vc[V_MCEQ][0][0]:#x}", f"vcpu{v}",
                             self._guest_mce, (v,)))
-            elif ring:
+            elif ring and (not self.notify_one_vcpu or any(r[4] == v for r in ring)):
+                # The notification interrupt goes to one vCPU (the VMM's KVM_INTERRUPT);
+                # the others run on meanwhile, as on real KVM.
                 out.append((f"vcpu{v} guest notify interrupt", f"vcpu{v}",
                             self._guest_notify, (v,)))
             elif mode == MODE_RUN:
@@ -411,7 +443,7 @@ class System:
 
     # --- host events ---------------------------------------------------------------------
 
-    def _fire(self, s: State, e: int) -> State:
+    def _fire(self, s: State, e: int, v: int = 0) -> State:
         ev = self.sc.events[e]
         fi = next(i for i, f in enumerate(self.files) if f.name == ev.file)
         spec = self.files[fi]
@@ -419,13 +451,17 @@ class System:
         f = files[fi]
         mem = s[S_MEM]
         wlo, whi = spec.window_gpa, spec.window_gpa + spec.window_bytes
-        if ev.action == "truncate":
+        if ev.action == "truncate" and ev.size > f[F_SIZE]:
+            nf = H.extend(f, ev.size, spec.pages)  # ftruncate(2) to a larger size grows it
+            if self._ev is not None:
+                self._emit("host_truncate", file=spec.name, old_size=f[F_SIZE], new_size=ev.size)
+        elif ev.action == "truncate":
             nf = H.truncate(f, ev.size, spec.pages)
             mem = tuple(x for x in mem if not (wlo <= x[0] < whi and x[0] - wlo >= ev.size))
             if self._ev is not None:
                 self._emit("host_truncate", file=spec.name, old_size=f[F_SIZE], new_size=ev.size)
         elif ev.action == "extend":
-            nf = H.extend(f, ev.size)
+            nf = H.extend(f, ev.size, spec.pages)
             if self._ev is not None:
                 self._emit("host_extend", file=spec.name, old_size=f[F_SIZE], new_size=nf[F_SIZE])
         elif ev.action == "punch-hole":
@@ -440,15 +476,22 @@ class System:
                 self._emit("host_memory_failure", file=spec.name, offset=ev.offset,
                            length=ev.length)
         else:  # write
-            size = max(f[F_SIZE], ev.offset + 8)
+            # pwrite(2): a write past EOF extends the file (the gap is sparse); the written
+            # page is allocated (no longer a hole).
+            f = H.extend(f, ev.offset + 8, spec.pages)
             pg = ev.offset >> abi.PAGE_SHIFT
-            cached = f[F_CACHED] | (1 << pg) if pg < spec.pages else f[F_CACHED]
-            nf = (size, cached) + f[2:]
+            bit = 1 << pg if pg < spec.pages else 0
+            nf = (f[F_SIZE], f[F_CACHED] | bit, f[F_HOLES] & ~bit) + f[3:]
             mem = self._mem_set(mem, wlo + ev.offset, ev.value)
             if self._ev is not None:
                 self._emit("host_write", file=spec.name, offset=ev.offset, value=hex(ev.value))
         files = files[:fi] + (nf,) + files[fi + 1:]
-        return (files, mem) + s[S_VCPUS:S_FIRED] + (s[S_FIRED] | (1 << e),)
+        s = (files, mem) + s[S_VCPUS:S_FIRED] + (s[S_FIRED] | (1 << e),)
+        if self.proactive_sync:
+            known = s[S_VMM][M_KNOWN][fi]
+            if known[0] != nf[F_SIZE] or known[1] != nf[F_HOLES]:
+                s = self._vmm_file_change(s, fi, v)
+        return s
 
     # --- vCPU: pending work at entry -------------------------------------------------------
 
@@ -491,7 +534,7 @@ class System:
         fi, pg = self.gidx_page[g]
         files = s[S_FILES]
         # kvm_arch_async_page_ready(): re-run the fault as a prefetch (no async, blocking).
-        res, nf = H.gup_blocking(files[fi], pg)
+        res, nf = H.gup_blocking(files[fi], pg, self.holes_fail)
         if nf is not files[fi]:
             files = files[:fi] + (nf,) + files[fi + 1:]
             s = (files,) + s[1:]
@@ -552,7 +595,7 @@ class System:
         g = self.gpa_gidx[gfn << abi.PAGE_SHIFT]
         fi, pg = self.gidx_page[g]
         files = s[S_FILES]
-        res, nf = H.gup_blocking(files[fi], pg)
+        res, nf = H.gup_blocking(files[fi], pg, self.holes_fail)
         if nf is not files[fi]:
             s = (files[:fi] + (nf,) + files[fi + 1:],) + s[1:]
         ok = res == H.GUP_OK
@@ -574,7 +617,8 @@ class System:
         vc = s[S_VCPUS][v]
         (gpa, ar), rest = vc[V_MCEQ][0], vc[V_MCEQ][1:]
         s = self._set_vcpu(s, v, vc[:V_MCEQ] + (rest,) + vc[V_MCEQ + 1:])
-        g = self.gpa_gidx.get(gpa, -1)
+        page = gpa & ~(abi.PAGE_SIZE - 1)
+        g = self.gpa_gidx.get(page, -1)
         t = self._current_task(s, v)
         status, addr, misc, mcg = P.mce_encoding(gpa, ar)
         if self._ev is not None:
@@ -584,6 +628,7 @@ class System:
             return s
         tasks = s[S_TASKS]
         spare = -1
+        kread_eio = -1
         if ar:
             if t < 0:
                 reason = "guest panic: SRAR #MC with no user context (kernel/idle)"
@@ -593,30 +638,39 @@ class System:
                 return s[:S_VMM] + ((reason,) + vmm[1:],) + s[S_VMM + 1:]
             vaddr = next((va for tt, va in self.mappers[g] if tt == t), None)
             if vaddr is not None:
+                vaddr += gpa - page  # the guest's task_vaddr_of_gpa(): MCi_ADDR's offset
                 tk = tasks[t]
                 a = self.acc[t][tk[T_PC]]
                 if a and a[0][X_KIND] == A_KREAD:
-                    # copy_mc-style fixup: the kernel read returns -EIO, the task exits.
-                    tasks = tasks[:t] + (G.exit_task(tk, abi.EXIT_CODE_KREAD_EIO),) + tasks[t + 1:]
-                    if self._ev is not None:
-                        self._emit("guest_kread_eio", vcpu=v, task=t, gpa=hex(gpa))
-                    if self._ev is not None:
-                        self._emit("task_exit", vcpu=v, task=t, code=abi.EXIT_CODE_KREAD_EIO)
+                    # copy_mc-style fixup: the kernel read returns -EIO and the task exits,
+                    # after memory_failure, which runs with no task to spare: an early-kill
+                    # reader gets BUS_MCEERR_AO first (the guest's memory_failure(pfn, AR,
+                    # -1); Linux's kill_me_never).
+                    kread_eio = t
+                    t_spare = -1
                 else:
                     tasks = (tasks[:t] + (G.kill_sigbus(tk, abi.BUS_MCEERR_AR, vaddr),)
                              + tasks[t + 1:])
                     if self._ev is not None:
                         self._emit("guest_sigbus", vcpu=v, task=t, code="BUS_MCEERR_AR",
                                    vaddr=hex(vaddr))
-                spare = t
+                    t_spare = t
+                spare = t_spare
         guest, tasks, killed = G.memory_failure(s[S_GUEST], tasks, g, self.mappers[g],
                                                 self.early_kill, spare)
         if self._ev is not None:
-            self._emit("guest_memory_failure", vcpu=v, gpa=hex(gpa),
+            self._emit("guest_memory_failure", vcpu=v, gpa=hex(page),
                        flags="MF_ACTION_REQUIRED" if ar else "0")
         for kt, va in killed:
             if self._ev is not None:
                 self._emit("guest_sigbus", vcpu=v, task=kt, code="BUS_MCEERR_AO", vaddr=hex(va))
+        if kread_eio >= 0 and tasks[kread_eio][T_STATUS] == TS_RUN:
+            tk = tasks[kread_eio]
+            tasks = (tasks[:kread_eio] + (G.exit_task(tk, abi.EXIT_CODE_KREAD_EIO),)
+                     + tasks[kread_eio + 1:])
+            if self._ev is not None:
+                self._emit("guest_kread_eio", vcpu=v, task=kread_eio, gpa=hex(gpa))
+                self._emit("task_exit", vcpu=v, task=kread_eio, code=abi.EXIT_CODE_KREAD_EIO)
         return s[:S_TASKS] + (tasks, guest) + s[S_GUEST + 1:]
 
     def _guest_notify(self, s: State, v: int) -> State:
@@ -627,10 +681,10 @@ class System:
         guest = (guest[G_OFFLINED], ()) + guest[G_RING + 1:]
         if self._ev is not None:
             self._emit("guest_notify", vcpu=v, records=len(ring))
-        for first, n, cause in ring:
+        for first, n, cause, ar_task, _target in ring:
             for g in range(first, first + n):
                 guest, tasks, killed = G.memory_failure(guest, tasks, g, self.mappers[g],
-                                                        self.early_kill)
+                                                        self.early_kill, ar_task)
                 if self._ev is not None:
                     self._emit("guest_memory_failure", vcpu=v, gpa=hex(self.gidx_gpa(g)),
                                flags="0", cause=cause)
@@ -710,7 +764,7 @@ class System:
         if evs:
             for e in evs:
                 if not s[S_FIRED] >> e & 1:
-                    s = self._fire(s, e)
+                    s = self._fire(s, e, v)
         vc = s[S_VCPUS][v]
         n = len(self.by_vcpu[v])
         return self._set_vcpu(s, v, ((pos + 1) % n,) + vc[1:])
@@ -789,11 +843,13 @@ class System:
                 s = self._set_vcpu(s, v, vc[:V_MODE] + (MODE_HALTED,) + vc[V_MODE + 1:])
                 if self._ev is not None:
                     self._emit("kvm_apf_halt", vcpu=v)
-                return R_RETRY, self._fail(s, t) if H.beyond_eof(f, pg) else s
+                return (R_RETRY, self._fail(s, t) if H.cannot_back(f, pg, self.holes_fail)
+                        else s)
             if len(vc[V_QUEUE]) + len(vc[V_DONE]) < self.max_queued:
-                return self._setup_async(s, v, pos, t, a, gfn, user, H.beyond_eof(f, pg))
+                return self._setup_async(s, v, pos, t, a, gfn, user,
+                                         H.cannot_back(f, pg, self.holes_fail))
         # Synchronous: gup without FOLL_NOWAIT.
-        res, nf = H.gup_blocking(f, pg)
+        res, nf = H.gup_blocking(f, pg, self.holes_fail)
         if nf is not f:
             files = s[S_FILES]
             s = (files[:fi] + (nf,) + files[fi + 1:],) + s[1:]
@@ -866,8 +922,11 @@ class System:
                        size=abi.PAGE_SIZE if kind != EXIT_BARE_EFAULT else None,
                        source=EXIT_SOURCES[kind])
         vc = s[S_VCPUS][v]
+        # What the VMM will learn: the exact address if it decodes the instruction (the
+        # in-context exits: not for the bare -EFAULT, which the VMM recovers by a scan).
+        exit_gpa = a[X_ADDR] if self.exact_gpa else gpa
         nvc = (vc[V_CUR], MODE_EXIT) + vc[V_MODE + 1:V_EXIT] + (
-            (kind, gpa, t, 0 if a[X_USER] else 1),) + vc[V_EXIT + 1:]
+            (kind, exit_gpa, t, 0 if a[X_USER] else 1),) + vc[V_EXIT + 1:]
         s = self._set_vcpu(s, v, nvc)
         return self._count_exit(s, gpa)
 
@@ -883,7 +942,8 @@ class System:
         if kind == EXIT_BARE_EFAULT:
             bad = []
             for fi, spec in enumerate(self.files):
-                bad.extend(spec.gpa(p) for p in H.bad_pages(files[fi], spec.pages))
+                pages = H.bad_pages(files[fi], spec.pages, self.holes_fail)
+                bad.extend(spec.gpa(p) for p in pages)
             handled_gpas = {self.gidx_gpa(g) for g in range(self.ngidx) if handled >> g & 1}
             gpa = M.recover_bare_efault_gpa(bad, handled_gpas)
             if gpa is None and bad:
@@ -895,7 +955,8 @@ class System:
         if gpa is None:
             return self._abort(s, "bare -EFAULT from KVM_RUN and no bad page in any file "
                                   "window: cannot resolve")
-        g = self.gpa_gidx.get(gpa, -1)
+        page = gpa & ~(abi.PAGE_SIZE - 1)
+        g = self.gpa_gidx.get(page, -1)
         if g < 0:
             return self._abort(s, f"memory fault at gpa {gpa:#x} outside every file window")
         fi, pg = self.gidx_page[g]
@@ -904,7 +965,8 @@ class System:
         cause = H.cause_of(f, pg)
         if self._ev is not None:
             self._emit("vmm_resolve", vcpu=v, task=t, gpa=hex(gpa), hva=None, path=spec.path,
-                       offset=pg * abi.PAGE_SIZE, file_size=f[F_SIZE], cause=cause, source=source)
+                       offset=pg * abi.PAGE_SIZE + (gpa - page), file_size=f[F_SIZE], cause=cause,
+                       source=source)
         if handled >> g & 1:
             reps = sparse_inc(vmm[M_REPEATS], g, self.max_repeats + 1)
             if sparse_get(reps, g) > self.max_repeats:
@@ -917,29 +979,61 @@ class System:
         win = M.window(spec, f[F_SIZE], known[0], f[F_HOLES])
         d = P.decide(self.policy, gpa, cause, win, in_context=kind != EXIT_REQUEST)
         if isinstance(d, P.Abort):
+            # The real VMM handles each vCPU's exit on that vCPU's thread: another vCPU
+            # already out with a memory fault has its fault resolved (and logged) too
+            # before the VM stops.
+            if self._ev is not None:
+                for ov, ovc in enumerate(s[S_VCPUS]):
+                    if ov != v and ovc[V_MODE] == MODE_EXIT and ovc[V_EXIT] \
+                            and ovc[V_EXIT][0] in (EXIT_MEMORY_FAULT, EXIT_HWPOISON):
+                        self._log_resolve(s, ov)
             return self._abort(s, d.reason)
         if isinstance(d, P.InjectMce):
-            status, _addr, misc, mcg = P.mce_encoding(d.gpa, d.action_required)
+            # SRAR in the faulting context: MCi_ADDR is the faulting address (as exact as the
+            # VMM knows it); SRAO: the page.
+            mce_gpa = gpa if d.action_required else d.gpa
+            status, _addr, misc, mcg = P.mce_encoding(mce_gpa, d.action_required)
             if self._ev is not None:
-                self._emit("vmm_inject_mce", vcpu=v, gpa=hex(d.gpa), bank=P.MCE_BANK,
+                self._emit("vmm_inject_mce", vcpu=v, gpa=hex(mce_gpa), bank=P.MCE_BANK,
                            status=hex(status), mcg_status=hex(mcg), misc=hex(misc),
                            mce="SRAR" if d.action_required else "SRAO")
             vmm = vmm[:M_HANDLED] + (handled | (1 << g),) + vmm[M_HANDLED + 1:]
             vc = s[S_VCPUS][v]
-            s = self._set_vcpu(s, v, vc[:V_MCEQ] + (vc[V_MCEQ] + ((d.gpa, d.action_required),),)
+            s = self._set_vcpu(s, v, vc[:V_MCEQ] + (vc[V_MCEQ] + ((mce_gpa, d.action_required),),)
                                + vc[V_MCEQ + 1:])
             return self._resume(s[:S_VMM] + (vmm,) + s[S_VMM + 1:], v)
         if isinstance(d, P.Notify):
-            s, vmm = self._notify(s, vmm, d)
+            # The first record carries the action-required access (NOTIFY_F_AR) when the
+            # vCPU is in the faulting context: the guest spares that task from the
+            # early-kill AO and it meets the offlined page itself (AR; a kread fails with
+            # -EIO, as the real guest's per-vCPU AR mailbox makes it do before the
+            # interrupt). Not for the request design's exit (whatever task runs).
+            ar_task = t if kind != EXIT_REQUEST else -1
+            s, vmm = self._notify(s, vmm, d, ar_task, v)
             return self._resume(s[:S_VMM] + (vmm,) + s[S_VMM + 1:], v)
         return self._resume(s, v)
 
-    def _notify(self, s: State, vmm: tuple, d: P.Notify) -> tuple[State, tuple]:
+    def _log_resolve(self, s: State, v: int) -> None:
+        """vmm_resolve for vCPU v's pending annotated exit (no state change)."""
+        kind, gpa, t, _kern = s[S_VCPUS][v][V_EXIT]
+        page = gpa & ~(abi.PAGE_SIZE - 1)
+        g = self.gpa_gidx.get(page, -1)
+        if g < 0:
+            return
+        fi, pg = self.gidx_page[g]
+        f = s[S_FILES][fi]
+        self._emit("vmm_resolve", vcpu=v, task=t, gpa=hex(gpa), hva=None,
+                   path=self.files[fi].path, offset=pg * abi.PAGE_SIZE + (gpa - page),
+                   file_size=f[F_SIZE], cause=H.cause_of(f, pg), source=EXIT_SOURCES[kind])
+
+    def _notify(self, s: State, vmm: tuple, d: P.Notify, ar_task: int = -1,
+                target: int = 0) -> tuple[State, tuple]:
+        """Post ring records and raise the notification interrupt on vCPU `target`."""
         handled = vmm[M_HANDLED]
         ring = s[S_GUEST][G_RING]
-        for first, n, cause in d.ranges:
+        for i, (first, n, cause) in enumerate(d.ranges):
             g0 = self.gpa_gidx[first]
-            ring += ((g0, n, cause),)
+            ring += ((g0, n, cause, ar_task if i == 0 else -1, target),)
             for g in range(g0, g0 + n):
                 handled |= 1 << g
             if self._ev is not None:
@@ -959,8 +1053,10 @@ class System:
         vmm = s[S_VMM]
         return s[:S_VMM] + ((reason,) + vmm[1:],) + s[S_VMM + 1:]
 
-    def _vmm_file_change(self, s: State, fi: int) -> State:
-        """The proactive policy's file watcher saw a change of a mapped file."""
+    def _vmm_file_change(self, s: State, fi: int, v: int = 0) -> State:
+        """The proactive policy's file watcher saw a change of a mapped file; its
+        notification interrupts vCPU `v` (the one whose step changed the file, when the
+        runner waits for the watcher; else vCPU 0)."""
         vmm = s[S_VMM]
         f = s[S_FILES][fi]
         spec = self.files[fi]
@@ -974,5 +1070,5 @@ class System:
         known = vmm[M_KNOWN][:fi] + ((f[F_SIZE], f[F_HOLES]),) + vmm[M_KNOWN][fi + 1:]
         vmm = vmm[:M_KNOWN] + (known,) + vmm[M_KNOWN + 1:]
         if d is not None:
-            s, vmm = self._notify(s, vmm, d)
+            s, vmm = self._notify(s, vmm, d, -1, v)
         return s[:S_VMM] + (vmm,) + s[S_VMM + 1:]

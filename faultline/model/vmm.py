@@ -24,8 +24,11 @@ def holes_ranges(mask: int) -> tuple[tuple[int, int], ...]:
 
 
 def window(spec, size: int, known_size: int | None, holes_mask: int) -> P.Window:
-    return P.Window(spec.window_gpa, spec.window_bytes, size, known_size,
-                    holes_ranges(holes_mask))
+    # What SEEK_HOLE tells the real VMM: holes end at EOF, so the hole page holding EOF
+    # (a sparse tail) is not a whole page of the hole (P.hole_range skips it).
+    holes = tuple((off, min(n, size - off)) for off, n in holes_ranges(holes_mask)
+                  if off < size)
+    return P.Window(spec.window_gpa, spec.window_bytes, size, known_size, holes)
 
 
 def recover_bare_efault_gpa(bad_gpas: list[int], handled_gpas: set[int]) -> int | None:
