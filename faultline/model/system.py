@@ -577,6 +577,9 @@ class System:
                 if failed and self.design == "apf-error-to-guest":
                     tk = tasks[woke]
                     a = self.acc[woke][tk[T_PC]][tk[T_SUB]]
+                    # The page went bad while its async fault was in flight: the woken task
+                    # did touch a bad page (its access is the one that failed).
+                    tk = tk[:T_TOUCHED] + (1,) + tk[T_TOUCHED + 1:]
                     tasks = (tasks[:woke] + (G.kill_sigbus(tk, abi.BUS_ADRERR, a[X_VADDR]),)
                              + tasks[woke + 1:])
                     if self._ev is not None:
@@ -922,8 +925,8 @@ class System:
                        size=abi.PAGE_SIZE if kind != EXIT_BARE_EFAULT else None,
                        source=EXIT_SOURCES[kind])
         vc = s[S_VCPUS][v]
-        # What the VMM will learn: the exact address if it decodes the instruction (the
-        # in-context exits: not for the bare -EFAULT, which the VMM recovers by a scan).
+        # What the VMM will learn: the exact address if it decodes the instruction (every
+        # in-context exit, the bare -EFAULT included; without decoding it scans the windows).
         exit_gpa = a[X_ADDR] if self.exact_gpa else gpa
         nvc = (vc[V_CUR], MODE_EXIT) + vc[V_MODE + 1:V_EXIT] + (
             (kind, exit_gpa, t, 0 if a[X_USER] else 1),) + vc[V_EXIT + 1:]
@@ -939,7 +942,13 @@ class System:
         vmm = s[S_VMM]
         handled = vmm[M_HANDLED]
         files = s[S_FILES]
-        if kind == EXIT_BARE_EFAULT:
+        if kind == EXIT_BARE_EFAULT and self.exact_gpa:
+            # A bare -EFAULT comes from the vCPU's own synchronous fault, so it is still in
+            # the faulting context: the real VMM decodes the instruction at RIP and
+            # translates its operand (faultline.vmm.decode), learning the exact address.
+            gpa = true_gpa
+        elif kind == EXIT_BARE_EFAULT:
+            # Without decoding: recover by scanning the windows, as the VMM's fallback does.
             bad = []
             for fi, spec in enumerate(self.files):
                 pages = H.bad_pages(files[fi], spec.pages, self.holes_fail)

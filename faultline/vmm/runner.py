@@ -132,6 +132,7 @@ class KvmRun:
         self.writes: dict[int, int] = {}  # window gpa -> last value a task wrote there
         self.known_size: dict[str, int] = {f.name: f.size for f in scenario.files}
         self.notified: set[int] = set()  # page gpas the guest was told about
+        self.bad_seen: dict[str, set[int]] = {}  # window -> bad pages at the watcher's last look
         self.steps: dict[str, int] = {}
         self.vcpus: list[VcpuState] = []
         self.kvm: Kvm | None = None
@@ -648,6 +649,13 @@ class KvmRun:
             return
         self.log.emit("task_exit", vcpu=v.index, task=task, code=a)
         self._finish_task(task, TaskOutcome("exited", a, None))
+        # `exit` is a step like any other (docs/scenarios.md), but the guest reports it
+        # with R_EXIT instead of R_STEP: a trigger on it fires here.
+        steps = self.steps.get(task, 0) + 1
+        self.steps[task] = steps
+        for ev in self.sc.events:
+            if ev.trigger.task == task and ev.trigger.step == steps:
+                self._fire(ev, v)
 
     def _r_signal(self, v: VcpuState, task: str | None, a: int, b: int, c: int, d: int) -> None:
         code = abi.SI_CODES.get((a, b), f"sig{a}/{b}")
@@ -705,6 +713,11 @@ class KvmRun:
         path = str(self.run_dir / f.path)
         before = os.fstat(region.fd).st_size
         argv: list[str] | None = None
+        if ev.action == "extend" and ev.size is not None and ev.size <= before:
+            self.log.emit("host_event", vcpu=v.index if v else None, action=ev.action,
+                          file=ev.file, path=path, by=ev.by, trigger=str(ev.trigger),
+                          size_before=before, size_after=before, skipped="already larger")
+            return
         if ev.action in ("truncate", "extend"):
             assert ev.size is not None
             argv = ["truncate", "-s", str(ev.size), path]
@@ -734,6 +747,9 @@ class KvmRun:
         from inotify_simple import INotify, flags
 
         self.inotify = INotify()
+        for r in self.memory:  # pages bad from the start (window beyond EOF) are not news
+            if r.kind == "file":
+                self.bad_seen[r.name] = set(bad_pages(r))
         mask = flags.MODIFY | flags.ATTRIB | flags.CLOSE_WRITE
         for f in self.sc.files:
             wd = self.inotify.add_watch(str(self.run_dir / f.path), mask)
@@ -768,7 +784,11 @@ class KvmRun:
                 region = self.memory.region(name)
                 size = os.fstat(region.fd).st_size
                 old = self.known_size.get(name, self.sc.file(name).size)
-                fresh = [g for g in bad_pages(region) if g not in self.notified]
+                now_bad = set(bad_pages(region))
+                # Only pages that became bad since the last look (policy.on_file_change's
+                # rule), and that the guest was not already told about by the fault path.
+                fresh = sorted(now_bad - self.bad_seen.get(name, set()) - self.notified)
+                self.bad_seen[name] = now_bad
                 self.log.emit("vmm_file_change", file=name, size_before=old, size_after=size,
                               bad_pages=len(fresh))
                 self.known_size[name] = size
@@ -787,7 +807,7 @@ class KvmRun:
         has seen it, so 'proactive' really acts before the guest runs on."""
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
-            if all(g in self.notified for g in bad_pages(region)):
+            if set(bad_pages(region)) == self.bad_seen.get(region.name):
                 return
             self._poll_watch(v)
             time.sleep(0.001)
