@@ -1,0 +1,77 @@
+"""The command line end to end on real KVM: hello on one and two vCPUs, a guest that
+triple-faults, and `faultline info`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from faultline import abi
+from faultline.outcome import check
+from faultline.scenario import from_dict, load, loads
+from faultline.vmm import boot
+from faultline.vmm.runner import run_kvm
+from tests.conftest import ROOT, SCENARIOS
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "faultline.cli", *args], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+
+
+@pytest.mark.kvm
+def test_run_hello_json(tmp_path: Path) -> None:
+    events = tmp_path / "ev.jsonl"
+    p = _cli("run", str(SCENARIOS / "hello.toml"), "--backend", "kvm", "--json",
+             "--events", str(events))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert list(out) == ["scenario", "backend", "design", "policy", "vm", "tasks", "offlined",
+                         "exits", "faults", "events_path"]
+    assert (out["backend"], out["design"], out["vm"]) == ("kvm", "host", "completed")
+    assert {t["fate"] for t in out["tasks"].values()} == {"exited"}
+    assert {t["code"] for t in out["tasks"].values()} == {0}
+    [fc] = [json.loads(line) for line in events.read_text().splitlines()
+            if '"file_check"' in line]
+    assert fc["writes"] >= 2 and fc["mismatches"] == []  # the DAX file holds what was written
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_hello_on_one_and_two_vcpus(vcpus: int, tmp_path: Path) -> None:
+    raw = copy.deepcopy(load(SCENARIOS / "hello.toml").raw)
+    raw["vm"]["vcpus"] = vcpus
+    for t in raw["tasks"]:
+        t["vcpu"] = min(t.get("vcpu", 0), vcpus - 1)
+    sc = from_dict(raw, source=f"hello-{vcpus}")
+    out = run_kvm(sc, "mce", events_path=tmp_path / "ev.jsonl")
+    assert check(out, sc) == []
+    assert out.vm == "completed" and all(t.code == 0 for t in out.tasks.values())
+
+
+@pytest.mark.kvm
+def test_triple_fault_is_reported_cleanly(tmp_path: Path) -> None:
+    # ud2 with no IDT: #UD cannot be delivered, nor the #DF: KVM_EXIT_SHUTDOWN.
+    sc = loads('[[tasks]]\nname = "t"\nprogram = ["exit 0"]\n', source="triple.toml")
+    image = boot.KernelImage("ud2", abi.KERNEL_LOAD_GPA,
+                             (boot.Segment(abi.KERNEL_LOAD_GPA, b"\x0f\x0b", 2),))
+    events = tmp_path / "ev.jsonl"
+    out = run_kvm(sc, "mce", events_path=events, image=image)
+    assert out.vm == "aborted" and "triple fault" in out.reason
+    assert out.tasks["t"].fate == "killed"
+    kinds = [json.loads(line)["kind"] for line in events.read_text().splitlines()]
+    assert "vcpu_regs" in kinds and kinds[-1] == "outcome"
+
+
+@pytest.mark.kvm
+def test_info_json() -> None:
+    p = _cli("info", "--json")
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["kvm"] is True and info["api_version"] == 12
+    assert info["caps"]["KVM_CAP_MCE"] > 0
