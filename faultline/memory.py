@@ -48,6 +48,7 @@ _munmap.restype = ctypes.c_int
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 F_ADD_SEALS = getattr(__import__("fcntl"), "F_ADD_SEALS", 1033)
 F_SEAL_SHRINK = 0x0002
 F_SEAL_GROW = 0x0004
@@ -311,6 +312,27 @@ class MapsEntry(NamedTuple):
     dev: str
     inode: int
     path: str
+
+
+def file_holes(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """(offset, length) of the holes of an open file within [start, end), from
+    SEEK_HOLE/SEEK_DATA (no page-by-page reads). A hole running to EOF ends at `end`."""
+    out: list[tuple[int, int]] = []
+    off = start
+    while off < end:
+        try:
+            hole = os.lseek(fd, off, SEEK_HOLE)
+        except OSError:
+            break
+        if hole >= end:
+            break
+        try:
+            data = os.lseek(fd, hole, SEEK_DATA)
+        except OSError:  # ENXIO: no data after the hole
+            data = end
+        out.append((hole, min(data, end) - hole))
+        off = max(data, hole + 1)
+    return out
 
 
 def proc_maps_entry(hva: int, pid: int | str = "self") -> MapsEntry | None:

@@ -21,8 +21,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     b.add_argument("--window-mib", type=int, default=1024,
                    help="offline-range: DAX window size (the file is truncated to half)")
     b.add_argument("--workers", type=int, help="check: worker processes (default: nproc)")
-    b.add_argument("--proposed", action="store_true",
-                   help="exit-loop, fault: also measure the proposed hot-path changes")
     b.set_defaults(func=main)
     return b
 
@@ -32,9 +30,9 @@ def run_one(name: str, args: argparse.Namespace) -> Result:
 
     runs = {"runs": args.runs} if args.runs else {}
     if name == "exit-loop":
-        return exit_loop.run(exits=args.exits, proposed=args.proposed, **runs)
+        return exit_loop.run(exits=args.exits, **runs)
     if name == "fault":
-        return fault.run(proposed=args.proposed, **runs)
+        return fault.run(**runs)
     if name == "offline-range":
         return offline_range.run(window_bytes=args.window_mib << 20, **runs)
     if name == "lookup":

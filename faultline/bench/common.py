@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
-import errno as _errno
 import fcntl
 import hashlib
 import json
@@ -22,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from faultline import abi
-from faultline.kvm import KvmError, Vcpu, uapi
-from faultline.kvm.exits import Exit, decode_error, decode_ok
-from faultline.memory import GuestMemory, MapsEntry, Resolution, proc_maps_entry
+from faultline.kvm import uapi
+from faultline.memory import GuestMemory
 from faultline.scenario import Scenario, file_contents
 from faultline.vmm import policy as pol
 from faultline.vmm.runner import KvmRun
@@ -179,7 +176,6 @@ def prepare_image(sc: Scenario, out: Path, *, bench_exits: int = 0,
     as boot.setup_vcpu sets them, MCE set-up and the windows: what bench.h's setup() reads."""
     from faultline.guest.build import kernel_path
     from faultline.kvm import Kvm, uapi
-    from faultline.memory import GuestMemory
     from faultline.vmm import boot
 
     out.mkdir(parents=True, exist_ok=True)
@@ -210,64 +206,6 @@ def prepare_image(sc: Scenario, out: Path, *, bench_exits: int = 0,
     return out
 
 
-class ProposedGuestMemory(GuestMemory):
-    """Prototype of the change proposed for faultline/memory.py (measured with
-    ``--proposed``): resolve()'s /proc/self/maps cross-check reads the whole maps file on
-    the fault path (the kernel formats every VMA: ~150-200 us here). Read each region's
-    maps entry once, before the run (warm()), and on a fault re-validate it with one
-    readlink of /proc/self/map_files/<start>-<end> (~4 us): the VMA still exists with the
-    same bounds and backing file."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._maps: dict[str, MapsEntry] = {}
-
-    def warm(self) -> None:
-        for r in self:
-            self.resolve(int(r.gpa))
-
-    def resolve(self, gpa: int, *, cross_check: bool = True) -> Resolution:
-        res = super().resolve(gpa, cross_check=False)
-        if not cross_check or res.hva is None or res.region is None:
-            return res
-        entry = self._maps.get(res.region)
-        if entry is not None:
-            try:
-                link = os.readlink(f"/proc/self/map_files/{entry.start:x}-{entry.end:x}")
-            except OSError:
-                entry = None
-            else:
-                if link.removesuffix(" (deleted)") != entry.path.removesuffix(" (deleted)"):
-                    entry = None
-        if entry is None:
-            entry = proc_maps_entry(res.hva)
-            if entry is not None:
-                self._maps[res.region] = entry
-        return dataclasses.replace(res, mapping=entry)
-
-
-# --- faultline side ---------------------------------------------------------------------
-class ProposedVcpu(Vcpu):
-    """Prototype of the hot-path change proposed for faultline/kvm/ioctls.py (measured with
-    ``--proposed``): KVM_RUN through ``fcntl.ioctl(fd, KVM_RUN)`` with the argument left
-    out. Given an int argument (``..., 0)``), CPython 3.11's fcntl.ioctl first tries to parse
-    it as a writable and then a read-only buffer, building and discarding two TypeErrors on
-    every call (~0.6-1 us here); omitted, the argument is 0 without any parsing."""
-
-    __slots__ = ()
-
-    def run(self) -> Exit:
-        try:
-            _ioctl(self._fd, _KVM_RUN)
-        except OSError as e:
-            if self._run is None:
-                raise KvmError("KVM_RUN", _errno.EBADF, "closed") from None
-            return decode_error(self._run, e.errno)
-        except (ValueError, TypeError):  # fd -1: closed
-            raise KvmError("KVM_RUN", _errno.EBADF, "closed") from None
-        return decode_ok(self._run)
-
-
 # --- faultline side --------------------------------------------------------------------------
 class MarkedRun(KvmRun):
     """The real KvmRun, its vCPU loop untouched; timestamps are taken where the loop calls
@@ -276,13 +214,10 @@ class MarkedRun(KvmRun):
     ``marks``: (report kind, ns at arrival, ns after handling), in order."""
 
     def __init__(self, sc: Scenario, policy: str, *, bench_exits: int = 0,
-                 proposed: bool = False, **kw: Any) -> None:
+                 **kw: Any) -> None:
         kw.setdefault("watchdog_s", 60.0)
         super().__init__(sc, policy, events_path=None, **kw)
         self.bench_exits = bench_exits
-        self.proposed = proposed
-        if proposed:
-            self.memory = ProposedGuestMemory()
         self.marks: list[tuple[int, int, int]] = []
         self.t_fault: int | None = None
         self.t_notified: int | None = None
@@ -296,11 +231,6 @@ class MarkedRun(KvmRun):
             # Same memory, same boot info, plus the benchmark option (before the first run).
             self.memory.write(abi.BOOT_INFO_GPA,
                               boot.build_boot_info(self.sc, bench_exits=self.bench_exits))
-        if self.proposed:
-            for v in self.vcpus:
-                v.vcpu.__class__ = ProposedVcpu
-            assert isinstance(self.memory, ProposedGuestMemory)
-            self.memory.warm()
 
     def _on_report(self, v: Any, gpa: int) -> None:
         t_in = time.perf_counter_ns()

@@ -27,9 +27,8 @@ program = ["exit 0"]
 """
 
 
-def _faultline_interval_ns(n: int, proposed: bool = False) -> int:
-    r = MarkedRun(loads(SCENARIO, source="<bench exit-loop>"), "mce", bench_exits=n,
-                  proposed=proposed)
+def _faultline_interval_ns(n: int) -> int:
+    r = MarkedRun(loads(SCENARIO, source="<bench exit-loop>"), "mce", bench_exits=n)
     outcome = r.run_checked()
     if outcome.exits.get("io", 0) < n:
         raise RuntimeError(f"faultline saw {outcome.exits.get('io')} io exits, expected >= {n}")
@@ -40,35 +39,25 @@ def _c_interval_ns(binary: Path, image: Path) -> int:
     return int(run_c(binary, image)["interval_ns"])
 
 
-def run(exits: int = 20_000, runs: int = 5, proposed: bool = False) -> Result:
-    """``proposed``: also measure faultline with the hot-path change ProposedVcpu
-    prototypes (a third side, reported as extra fields)."""
+def run(exits: int = 20_000, runs: int = 5) -> Result:
     binary = build_c("exit_loop")
     sc = loads(SCENARIO, source="<bench exit-loop>")
     fl_us: list[float] = []
     c_us: list[float] = []
-    prop_us: list[float] = []
     with scratch("faultline-bench-") as d:
         img0 = prepare_image(sc, d / "img0", bench_exits=0)
         img_n = prepare_image(sc, d / "imgN", bench_exits=exits)
         for i in range(runs):
             # Alternate which side goes first, so drift affects both alike.
             order = ["c", "fl"] if i % 2 == 0 else ["fl", "c"]
-            if proposed:
-                order.insert(1, "proposed")
             for side in order:
                 if side == "c":
                     a, b = _c_interval_ns(binary, img_n), _c_interval_ns(binary, img0)
                     c_us.append((a - b) / exits / 1000)
                 else:
-                    p = side == "proposed"
-                    a, b = _faultline_interval_ns(exits, p), _faultline_interval_ns(0, p)
-                    (prop_us if p else fl_us).append((a - b) / exits / 1000)
+                    a, b = _faultline_interval_ns(exits), _faultline_interval_ns(0)
+                    fl_us.append((a - b) / exits / 1000)
     fl, c = median(fl_us), median(c_us)
     extra = {"exits": exits, "faultline_runs_us": [round(x, 3) for x in fl_us],
              "baseline_runs_us": [round(x, 3) for x in c_us], "target_ratio": 1.15}
-    if proposed:
-        extra["proposed_us"] = round(median(prop_us), 4)
-        extra["proposed_ratio"] = round(median(prop_us) / c, 3) if c else None
-        extra["proposed_runs_us"] = [round(x, 3) for x in prop_us]
     return Result("exit-loop", "us/exit", fl, c, runs, extra)

@@ -46,8 +46,8 @@ size = "8KiB"
 """
 
 
-def _faultline(proposed: bool = False) -> tuple[float, str]:
-    r = MarkedRun(loads(SCENARIO, source="<bench fault>"), "mce", proposed=proposed)
+def _faultline() -> tuple[float, str]:
+    r = MarkedRun(loads(SCENARIO, source="<bench fault>"), "mce")
     outcome = r.run_checked()
     if not outcome.faults:
         raise BenchError("faultline saw no memory fault")
@@ -62,33 +62,25 @@ def _c(binary: Path, work: Path, i: int) -> tuple[float, str]:
     return int(out["fault_to_mce_ns"]) / 1000, str(out["source"])
 
 
-def run(runs: int = 7, proposed: bool = False) -> Result:
+def run(runs: int = 7) -> Result:
     binary = build_c("fault")
     fl_us: list[float] = []
     c_us: list[float] = []
-    prop_us: list[float] = []
     sources: dict[str, set[str]] = {"faultline": set(), "baseline": set()}
     with scratch("faultline-bench-") as work:
         for i in range(runs):
             order = ["c", "fl"] if i % 2 == 0 else ["fl", "c"]
-            if proposed:
-                order.insert(1, "proposed")
             for side in order:
                 if side == "c":
                     us, src = _c(binary, work, i)
                     c_us.append(us)
                     sources["baseline"].add(src)
                 else:
-                    us, src = _faultline(side == "proposed")
-                    (prop_us if side == "proposed" else fl_us).append(us)
+                    us, src = _faultline()
+                    fl_us.append(us)
                     sources["faultline"].add(src)
     fl, c = median(fl_us), median(c_us)
-    extra = {}
-    if proposed:
-        extra = {"proposed_us": round(median(prop_us), 1),
-                 "proposed_ratio": round(median(prop_us) / c, 3) if c else None,
-                 "proposed_runs_us": [round(x, 1) for x in prop_us]}
-    return Result("fault", "us", fl, c, runs, {**extra,
+    return Result("fault", "us", fl, c, runs, {
         "faultline_us": round(fl, 1), "baseline_us": round(c, 1),
         "exit_faultline": sorted(sources["faultline"]),
         "exit_baseline": sorted(sources["baseline"]),

@@ -23,12 +23,10 @@ from dataclasses import dataclass
 
 from faultline.abi import PAGE_SIZE
 from faultline.kvm import exits
-from faultline.memory import GuestMemory, MapsEntry, Region
+from faultline.memory import GuestMemory, MapsEntry, Region, file_holes
 from faultline.outcome import FaultRecord
 
 EHWPOISON = getattr(_errno, "EHWPOISON", 133)
-SEEK_DATA = getattr(os, "SEEK_DATA", 3)
-SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,27 +52,13 @@ def bad_pages(region: Region) -> list[int]:
         return []
     size = os.fstat(region.fd).st_size
     out: list[int] = []
-    first_beyond = -(-(size - region.file_offset) // PAGE_SIZE) if size > region.file_offset else 0
-    npages = region.size // PAGE_SIZE
-    # Holes inside EOF, found with SEEK_HOLE/SEEK_DATA (no page-by-page reads).
-    off = region.file_offset
     end = min(size, region.file_offset + region.size)
-    while off < end:
-        try:
-            hole = os.lseek(region.fd, off, SEEK_HOLE)
-        except OSError:
-            break
-        if hole >= end:
-            break
-        try:
-            data = os.lseek(region.fd, hole, SEEK_DATA)
-        except OSError:
-            data = end  # ENXIO: hole to EOF
-        first = -(-hole // PAGE_SIZE) * PAGE_SIZE
-        for p in range(first, min(data, end) // PAGE_SIZE * PAGE_SIZE, PAGE_SIZE):
+    for off, length in file_holes(region.fd, region.file_offset, end):
+        first = -(-off // PAGE_SIZE) * PAGE_SIZE  # whole pages inside the hole only
+        for p in range(first, (off + length) // PAGE_SIZE * PAGE_SIZE, PAGE_SIZE):
             out.append(region.gpa + p - region.file_offset)
-        off = max(data, hole + 1)
-    out.extend(region.gpa + p * PAGE_SIZE for p in range(first_beyond, npages))
+    first_beyond = -(-(size - region.file_offset) // PAGE_SIZE) if size > region.file_offset else 0
+    out.extend(region.gpa + p * PAGE_SIZE for p in range(first_beyond, region.size // PAGE_SIZE))
     return sorted(out)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from faultline import abi
 from faultline.kvm import Kvm, KvmError, Vcpu, Vm, exits, uapi
-from faultline.memory import GuestMemory, GuestMemoryError
+from faultline.memory import GuestMemory, GuestMemoryError, file_holes
 from faultline.outcome import EventLog, FaultRecord, Outcome, Signal, TaskOutcome
 from faultline.scenario import HostEvent, Scenario, file_contents
 from faultline.vmm import decode
@@ -502,7 +502,7 @@ class KvmRun:
             return None
         f = self.sc.file(region.name)
         size = rec.file_size if rec.file_size is not None else 0
-        holes = tuple(_holes(region.fd, min(size, f.window_bytes)))
+        holes = tuple(file_holes(region.fd, 0, min(size, f.window_bytes)))
         return pol.Window(int(region.gpa), region.size, size, self.known_size.get(f.name), holes)
 
     def _apply(self, v: VcpuState, fault: MemoryFault, d: pol.Decision) -> None:
@@ -872,26 +872,6 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
     if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-
-
-def _holes(fd: int, limit: int) -> list[tuple[int, int]]:
-    """(offset, length) of the holes in [0, limit)."""
-    out: list[tuple[int, int]] = []
-    off = 0
-    while off < limit:
-        try:
-            hole = os.lseek(fd, off, os.SEEK_HOLE)
-        except OSError:
-            break
-        if hole >= limit:
-            break
-        try:
-            data = os.lseek(fd, hole, os.SEEK_DATA)
-        except OSError:
-            data = limit
-        out.append((hole, min(data, limit) - hole))
-        off = data
-    return out
 
 
 def _coalesce(gpas: list[int]) -> list[tuple[int, int]]:
