@@ -70,17 +70,25 @@ class Adapter:
         return cid not in self._unfair
 
     def _expand_model(self, s: State) -> list[tuple[int, State]]:
+        # Hot path (once per state): model_class() inlined. A vCPU edge's class is its
+        # actor string, interned by the model (hash cached), so one dict hit per edge.
         ids = self.class_ids
-        intern = self.intern
         canon = self.canonical
         out = []
+        append = out.append
         for _name, actor, fn, args in self._enabled(s, False):
-            key = model_class(actor, fn, args)
+            if actor[0] == "a":  # asyncN: one class per work item (token, gfn)
+                item = args[1]
+                key: Hashable = (actor, item[0], item[1])
+            elif actor == "vmm":
+                key = (actor, fn.__name__, args)
+            else:
+                key = actor
             cid = ids.get(key)
             if cid is None:
-                cid = intern(key)
+                cid = self.intern(key)
             t = fn(s, *args)
-            out.append((cid, canon(t) if canon is not None else t))
+            append((cid, t if canon is None else canon(t)))
         return out
 
     def _expand_generic(self, s: State) -> list[tuple[int, State]]:

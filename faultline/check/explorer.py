@@ -103,6 +103,7 @@ def explore(system: Any, *, max_states: int = 5_000_000, timeout_s: float | None
         if m:
             note_bad(0, m)
     expand = ad.expand
+    setdefault = index.setdefault
     dst_append = dst.append
     cls_append = cls.append
     states_append = states.append
@@ -124,10 +125,11 @@ def explore(system: Any, *, max_states: int = 5_000_000, timeout_s: float | None
                 break
         j = 0
         for c, t in succ:
-            tid = index.get(t)
-            if tid is None:
-                tid = len(states)
-                index[t] = tid
+            # One hash of the (nested, uncached-hash) state per edge: setdefault inserts
+            # the next id if t is new, else returns its id.
+            n = len(states)
+            tid = setdefault(t, n)
+            if tid == n:
                 states_append(t)
                 parent_append(sid)
                 pedge_append(j)

@@ -33,7 +33,10 @@ def check_cell(scenario_path: str, design: str, policy: str, max_states: int = 5
     from faultline.model import System
 
     sc = load(scenario_path)
-    r = check_system(System(sc, design, policy), max_states=max_states, timeout_s=timeout_s)
+    # Symmetry reduction on (a no-op unless the scenario has interchangeable tasks: see
+    # System._symmetry_groups); a counterexample then replays with canonical=True.
+    r = check_system(System(sc, design, policy, symmetry=True), max_states=max_states,
+                     timeout_s=timeout_s)
     cell = {"design": design, "policy": policy, "scenario": sc.name}
     cell.update(r.to_json())
     cell["explore_seconds"] = round(r.explore_seconds, 3)

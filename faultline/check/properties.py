@@ -81,7 +81,8 @@ class CheckResult:
             "seconds": round(self.seconds, 3), "complete": self.complete,
             "stop_reason": self.stop_reason,
             "properties": {n: p.to_json() for n, p in self.properties.items()},
-        }
+        } | ({} if self.states_before_symmetry is None
+             else {"states_before_symmetry": self.states_before_symmetry})
 
 
 # --- the safety predicates --------------------------------------------------------------
@@ -109,8 +110,15 @@ def safety_predicates(system: Any) -> dict[str, Predicate]:
     }
 
 
-def _combined(preds: dict[str, Predicate]) -> tuple[Callable[[Hashable], int], list[str]]:
+def _combined(preds: dict[str, Predicate], system: Any = None
+              ) -> tuple[Callable[[Hashable], int], list[str]]:
     names = list(preds)
+    mask = getattr(system, "safety_mask", None)
+    if mask is not None and getattr(system, "safety", None) is None and names == list(SAFETY):
+        # faultline's model: one call reading the encoding, bits in SAFETY order (the
+        # per-property predicates above are the specification; tests/check compares them).
+        tries = FIRST_ACCESS_MAX_TRIES
+        return (lambda s: mask(s, tries)), names
     fns = [preds[n] for n in names]
 
     def bad(s: Hashable) -> int:
@@ -126,11 +134,13 @@ def _combined(preds: dict[str, Predicate]) -> tuple[Callable[[Hashable], int], l
 # --- the check -------------------------------------------------------------------------
 
 def check_system(system: Any, *, max_states: int = 5_000_000, timeout_s: float | None = None,
-                 liveness: bool = True) -> CheckResult:
-    """Explore ``system`` exhaustively (within the bounds) and judge every property."""
+                 liveness: bool = True, count_unreduced: bool = False) -> CheckResult:
+    """Explore ``system`` exhaustively (within the bounds) and judge every property.
+    ``count_unreduced``: if the system reduces by symmetry (``canonical``), also explore
+    without it (states only, no analysis) to report ``states_before_symmetry``."""
     t0 = time.perf_counter()
     preds = safety_predicates(system)
-    bad, names = _combined(preds)
+    bad, names = _combined(preds, system)
     ad = Adapter(system)
     g = explore(system, max_states=max_states, timeout_s=timeout_s,
                 bad=bad if names else None, adapter=ad)
@@ -143,8 +153,14 @@ def check_system(system: Any, *, max_states: int = 5_000_000, timeout_s: float |
             results[name] = PropertyResult(False, counterexample(g, g.path_to(sid)), "path")
         else:
             results[name] = PropertyResult(True if g.complete else None)
+    before = None
+    if count_unreduced and ad.canonical is not None:
+        plain = Adapter(system)
+        plain.canonical = None
+        before = explore(system, max_states=max_states, timeout_s=timeout_s,
+                         adapter=plain).n_states
     return CheckResult(g.n_states, g.n_transitions, time.perf_counter() - t0, g.seconds,
-                       g.complete, g.stop_reason, results)
+                       g.complete, g.stop_reason, results, before)
 
 
 # --- liveness: no_hang ----------------------------------------------------------------------

@@ -117,6 +117,13 @@ def cannot_back(f: tuple, page: int, holes: bool = False) -> bool:
     return (page << PAGE_SHIFT) >= f[F_SIZE] or (holes and bool(f[F_HOLES] >> page & 1))
 
 
+def cannot_supply(f: tuple, page: int) -> bool:
+    """No data can legitimately be read from this page: beyond EOF, a hole not written
+    since (its bit is cleared when a blocking gup allocates it, or a write fills it), or
+    hwpoisoned. An access that completes on such a page consumed fabricated data."""
+    return (page << PAGE_SHIFT) >= f[F_SIZE] or bool((f[F_HOLES] | f[F_POISON]) >> page & 1)
+
+
 def cause_of(f: tuple, page: int) -> str:
     if f[F_POISON] >> page & 1:
         return "poisoned"

@@ -176,4 +176,5 @@ def _fill(system: System, state: tuple, outcome: Outcome, records: list[dict[str
                                           ev["file_size"], ev["cause"], ev["source"]))
     n = system.bad_reads(state)
     if n:
-        outcome.bad_values.append(f"{n} read(s) completed from a page beyond EOF")
+        outcome.bad_values.append(f"{n} access(es) completed from a page beyond EOF, a hole or "
+                                  "a poisoned page")

@@ -90,7 +90,11 @@ from faultline.scenario import DESIGNS, POLICIES, Scenario, file_value
 from faultline.vmm import policy as P
 
 State = tuple
-G_BADREAD = 2  # guest component: reads completed from a page beyond EOF (must stay 0)
+# guest component: accesses completed from a page that cannot back them: beyond EOF, a
+# hole (never written since it was punched / the file re-extended) or a poisoned page.
+# Must stay 0: the fault path never completes such an access (the witness of
+# no_fabricated_data; tests/check show the predicate fires on a model that skips it).
+G_BADREAD = 2
 
 A_READ, A_WRITE, A_EXEC, A_KREAD = 1, 2, 3, 4
 # access tuple: (kind, gidx, file, page, addr, vaddr, expect, wvalue, user, init, writable)
@@ -135,6 +139,11 @@ DEFAULT_PARAMS: dict[str, Any] = {
     # vCPUs run on until it is taken (conformance sets this). False: every vCPU takes
     # the pending notification before running anything (the checker's default).
     "notify_one_vcpu": False,
+    # Symmetry reduction for the checker: offer ``canonical(state)`` (see _symmetry_groups)
+    # when the scenario has interchangeable tasks. Off by default: a canonical state may
+    # have its tasks rotated, so action names along a path only replay with canonical
+    # states (replay(..., canonical=True)); the checker's matrix turns it on.
+    "symmetry": False,
 }
 
 
@@ -213,8 +222,16 @@ class System:
                 self.trig.setdefault((ti, ev.trigger.step), []).append(ev.index)
                 max_step = max(max_step, ev.trigger.step)
         self.step_cap = max_step + 1
+        self._vcpu_actor = tuple(f"vcpu{v}" for v in range(scenario.vcpus))
+        self._async_actor = tuple(f"async{v}" for v in range(scenario.vcpus))
         self.file_gidx_mask = [((1 << f.pages) - 1) << self.fbase[i]
                                for i, f in enumerate(self.files)]
+
+        # Symmetry: the explorer canonicalises every state it meets if `canonical` is
+        # not None (an instance attribute, so it is absent when there is nothing to gain).
+        self.sym_groups = self._symmetry_groups()
+        self.canonical: Callable[[State], State] | None = (
+            self._canonical if self.sym_groups and p["symmetry"] else None)
 
     # --- precomputation -------------------------------------------------------------
 
@@ -251,6 +268,97 @@ class System:
                             m.writable))
         return tuple(out)
 
+    # --- symmetry ---------------------------------------------------------------------
+
+    def _symmetry_groups(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """vCPUs whose tasks are all interchangeable: ((vcpu, task indices), ...).
+
+        The group used is the rotations of such a vCPU's task list (with V_CUR rotated
+        along). Why only rotations, and only when *every* task of the vCPU is alike: the
+        scheduler is round-robin over list positions (the first runnable task from V_CUR,
+        then V_CUR = pos + 1), so a permutation of positions commutes with it only if it
+        preserves the cyclic order, i.e. is a rotation; a rotation maps each task to an
+        identical one only if all of them are identical.
+
+        Identical: same program, same mappings (same vaddrs and GPAs: the same file pages
+        and the same anon RAM), same early_kill; and no host event triggered by one of
+        them (a trigger names one task's step count) nor an expectation telling them apart.
+
+        Soundness: let r rotate vCPU v's tasks by k. Every transition treats those tasks
+        only through data that r preserves: their programs, access tables (acc),
+        mappers (same vaddr for each), early_kill, the scheduler (rotation-invariant as
+        above), tokens (per vCPU, unique among its sleeping tasks); task *indices* are
+        stored only in V_EXIT (the exiting task) and in ring records (ar_task), which
+        canonical() renames with the same map. So s -> s' iff r(s) -> r(s'), with the same
+        fairness class (classes name vCPUs, work items and VMM targets, never tasks), and
+        every label the checker reads (aborted, bad reads, "some task killed without
+        touching a bad page", exits per page, "some task's access failed > N times") is
+        the same on s and r(s). The quotient graph (one state per orbit) then has the same
+        verdicts for every safety property and for no_hang (fair cycles, deadlocks and
+        reachability of done lift and project edge by edge). Not done (not sound as is):
+        permuting vCPUs (their fairness classes vcpuN / asyncN / vmm_handle_exit vcpuN
+        would be permuted too, and the tokens' vCPU bits with them), and renaming token ids
+        (an async work item's fairness class is (vCPU, token, gfn)).
+        """
+        names_in_triggers = {ev.trigger.task for ev in self.sc.events}
+        groups = []
+        for v, ts in enumerate(self.by_vcpu):
+            if len(ts) < 2:
+                continue
+            specs = [self.tasks[t] for t in ts]
+            a = specs[0]
+            if any(t.program != a.program or t.maps != a.maps or t.early_kill != a.early_kill
+                   for t in specs[1:]):
+                continue
+            if any(t.name in names_in_triggers for t in specs):
+                continue
+            if any(len({repr(e.tasks.get(t.name)) for t in specs}) > 1
+                   for e in self.sc.expectations):
+                continue
+            groups.append((v, ts))
+        return tuple(groups)
+
+    def _canonical(self, s: State) -> State:
+        """The orbit's representative: per symmetric vCPU, the rotation of its tasks
+        (with V_CUR) that gives the smallest (task tuples, cur). Task tuples compare
+        safely: T_RESULT's type is fixed by T_STATUS, which comes first."""
+        tasks = s[S_TASKS]
+        vcpus = s[S_VCPUS]
+        rename: dict[int, int] | None = None
+        for v, ts in self.sym_groups:
+            n = len(ts)
+            cur = vcpus[v][V_CUR]
+            row = tuple(tasks[t] for t in ts)
+            best, bk = (row, cur), 0
+            for k in range(1, n):
+                # rotated by k: new position (p + k) % n holds old position p
+                cand = (row[n - k:] + row[:n - k], (cur + k) % n)
+                if cand < best:
+                    best, bk = cand, k
+            if not bk:
+                continue
+            if rename is None:
+                rename = {}
+                tasks = list(tasks)
+                vcpus = list(vcpus)
+            for p in range(n):
+                rename[ts[p]] = ts[(p + bk) % n]
+            for i, tk in enumerate(best[0]):
+                tasks[ts[i]] = tk
+            vc = vcpus[v]
+            ex = vc[V_EXIT]
+            if ex and ex[2] >= 0:
+                ex = ex[:2] + (rename.get(ex[2], ex[2]),) + ex[3:]
+            vcpus[v] = (best[1],) + vc[1:V_EXIT] + (ex,) + vc[V_EXIT + 1:]
+        if rename is None:
+            return s
+        guest = s[S_GUEST]
+        ring = guest[G_RING]
+        if ring:
+            ring = tuple(r[:3] + (rename.get(r[3], r[3]),) + r[4:] for r in ring)
+            guest = (guest[0], ring) + guest[2:]
+        return (s[S_FILES], s[S_MEM], tuple(vcpus), tuple(tasks), guest) + s[S_VMM:]
+
     # --- state ------------------------------------------------------------------------
 
     def init(self) -> State:
@@ -281,24 +389,25 @@ class System:
         tasks = s[S_TASKS]
         ring = s[S_GUEST][G_RING]
         for v, vc in enumerate(vcpus):
+            va = self._vcpu_actor[v]  # interned: its hash is computed once (the checker's class)
             mode = vc[V_MODE]
             if mode == MODE_EXIT:
                 out.append((f"vmm_handle_exit vcpu{v}", "vmm", self._vmm_exit, (v,)))
                 continue
             if vc[V_REQS] & K.REQ_MEMORY_FAULT:
-                out.append((f"vcpu{v} kvm_exit memory_fault (request)", f"vcpu{v}",
+                out.append(((f"vcpu{v} kvm_exit memory_fault (request)" if names else None), va,
                             self._request_exit, (v,)))
             elif vc[V_DONE]:
                 out.append((f"vcpu{v} kvm_check_async_pf_completion token={vc[V_DONE][0][0]:#x}"
                             if names else None,
-                            f"vcpu{v}", self._apf_ready, (v,)))
+                            va, self._apf_ready, (v,)))
             elif vc[V_MCEQ]:
-                out.append((f"vcpu{v} guest #MC gpa={vc[V_MCEQ][0][0]:#x}", f"vcpu{v}",
+                out.append(((f"vcpu{v} guest #MC gpa={vc[V_MCEQ][0][0]:#x}" if names else None), va,
                             self._guest_mce, (v,)))
             elif ring and (not self.notify_one_vcpu or any(r[4] == v for r in ring)):
                 # The notification interrupt goes to one vCPU (the VMM's KVM_INTERRUPT);
                 # the others run on meanwhile, as on real KVM.
-                out.append((f"vcpu{v} guest notify interrupt", f"vcpu{v}",
+                out.append(((f"vcpu{v} guest notify interrupt" if names else None), va,
                             self._guest_notify, (v,)))
             elif mode == MODE_RUN:
                 mine = self.by_vcpu[v]
@@ -311,11 +420,11 @@ class System:
                         tk = tasks[t]
                         out.append((f"vcpu{v} {self.names[t]}: "
                                     f"{self.tasks[t].program[tk[T_PC]].text}" if names else None,
-                                    f"vcpu{v}", self._step, (v, pos, t)))
+                                    va, self._step, (v, pos, t)))
                         break
             for item in vc[V_QUEUE]:
                 out.append((f"async_pf_execute vcpu{v} token={item[0]:#x}" if names else None,
-                            f"async{v}",
+                            self._async_actor[v],
                             self._async_execute, (v, item)))
         if self.policy == "proactive":
             files = s[S_FILES]
@@ -362,7 +471,8 @@ class System:
         return ("running",)
 
     def bad_reads(self, s: State) -> int:
-        """Reads completed with a value from a page beyond EOF (fabricated data)."""
+        """Accesses completed with data from a page that cannot back them (fabricated
+        data): a page beyond EOF, a hole never written, or a poisoned page."""
         return s[S_GUEST][G_BADREAD]
 
     def imprecise_kills(self, s: State) -> list[str]:
@@ -381,6 +491,28 @@ class System:
         """Tasks whose current access to a bad page has failed (count, saturating): the
         "first failing access" counters; 0 once the access is resolved."""
         return {self.names[t]: tk[T_FAILS] for t, tk in enumerate(s[S_TASKS]) if tk[T_FAILS]}
+
+    def safety_mask(self, s: State, max_tries: int) -> int:
+        """The five safety labels at once, read straight from the encoding (the checker
+        calls this once per distinct state; the label methods above build names, lists and
+        dicts and cost several times more). Bit 0: the VM was stopped (``vm_aborted``);
+        bit 1: ``bad_reads`` > 0; bit 2: ``imprecise_kills`` non-empty; bit 3: a page with
+        more than one exit (``exits_per_page``); bit 4: a task whose access failed more
+        than ``max_tries`` times (``failing_accesses``). tests/check asserts it agrees
+        with the label methods on every explored state."""
+        vmm = s[S_VMM]
+        m = 1 if vmm[M_ABORT] else 0
+        if s[S_GUEST][G_BADREAD]:
+            m |= 2
+        for tk in s[S_TASKS]:
+            if tk[T_STATUS] >= TS_SIGBUS and not tk[T_TOUCHED]:  # TS_SIGBUS or TS_KILLED
+                m |= 4
+            if tk[T_FAILS] > max_tries:
+                m |= 16
+        for _g, n in vmm[M_EXITS]:
+            if n > 1:
+                return m | 8
+        return m
 
     def offlined_gpas(self, s: State) -> set[int]:
         mask = s[S_GUEST][G_OFFLINED]
@@ -412,15 +544,17 @@ class System:
             self._ev(kind, vcpu=vcpu, task=self.names[task] if task is not None and task >= 0
                      else None, **fields)
 
+    # The top level has 7 components: building it as a display is about twice as fast as
+    # slicing and concatenating (no intermediate tuples); these run on most transitions.
     @staticmethod
     def _set_vcpu(s: State, v: int, vc: tuple) -> State:
-        vcpus = s[S_VCPUS]
-        return s[:S_VCPUS] + (vcpus[:v] + (vc,) + vcpus[v + 1:],) + s[S_VCPUS + 1:]
+        vcpus = s[2]  # S_VCPUS
+        return (s[0], s[1], vcpus[:v] + (vc,) + vcpus[v + 1:], s[3], s[4], s[5], s[6])
 
     @staticmethod
     def _set_task(s: State, t: int, tk: tuple) -> State:
-        tasks = s[S_TASKS]
-        return s[:S_TASKS] + (tasks[:t] + (tk,) + tasks[t + 1:],) + s[S_TASKS + 1:]
+        tasks = s[3]  # S_TASKS
+        return (s[0], s[1], s[2], tasks[:t] + (tk,) + tasks[t + 1:], s[4], s[5], s[6])
 
     def _value(self, s: State, a: tuple) -> int:
         addr = a[X_ADDR]
@@ -762,14 +896,20 @@ class System:
             ntk = ntk[:T_STEPS] + (steps,) + ntk[T_STEPS + 1:]
         if self._ev is not None:
             self._emit("task_step", vcpu=v, task=t, pc=s[S_TASKS][t][T_PC], steps=steps)
-        s = self._set_task(s, t, ntk)
-        evs = self.trig.get((t, steps))
-        if evs:
-            for e in evs:
-                if not s[S_FIRED] >> e & 1:
-                    s = self._fire(s, e, v)
-        vc = s[S_VCPUS][v]
         n = len(self.by_vcpu[v])
+        evs = self.trig.get((t, steps)) if steps <= self.step_cap else None
+        if not evs:
+            # The common case, in one rebuild: the task and the vCPU's next position.
+            tasks = s[3]
+            vcpus = s[2]
+            vc = vcpus[v]
+            return (s[0], s[1], vcpus[:v] + (((pos + 1) % n,) + vc[1:],) + vcpus[v + 1:],
+                    tasks[:t] + (ntk,) + tasks[t + 1:], s[4], s[5], s[6])
+        s = self._set_task(s, t, ntk)
+        for e in evs:
+            if not s[S_FIRED] >> e & 1:
+                s = self._fire(s, e, v)
+        vc = s[S_VCPUS][v]
         return self._set_vcpu(s, v, ((pos + 1) % n,) + vc[1:])
 
     def _yield_sleep(self, s: State, v: int, pos: int) -> State:
@@ -862,7 +1002,7 @@ class System:
 
     def _complete(self, s: State, a: tuple, t: int) -> tuple[int, State]:
         f = s[S_FILES][a[X_FILE]]
-        if H.beyond_eof(f, a[X_PAGE]):  # never by construction: the property's witness
+        if H.cannot_supply(f, a[X_PAGE]):  # never by construction: the property's witness
             guest = s[S_GUEST]
             s = s[:S_GUEST] + (guest[:G_BADREAD] + (guest[G_BADREAD] + 1,),) + s[S_GUEST + 1:]
         if a[X_KIND] == A_WRITE:
