@@ -21,6 +21,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from faultline.x86mce import (
+    MCG_STATUS_EIPV,
+    MCG_STATUS_MCIP,
+    MCG_STATUS_RIPV,
+    MCI_STATUS_ADDRV,
+    MCI_STATUS_AR,
+    MCI_STATUS_EN,
+    MCI_STATUS_MISCV,
+    MCI_STATUS_S,
+    MCI_STATUS_UC,
+    MCI_STATUS_VAL,
+    MCM_ADDR_PHYS,
+)
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
@@ -30,23 +44,11 @@ POLICIES = ("abort", "mce", "notify", "proactive")
 CAUSE_CODES = {"beyond-eof": 1, "hole": 2, "poisoned": 3, "read-only": 4}
 
 # --- Machine-check encoding (QEMU target/i386/kvm/kvm.c: kvm_mce_inject) --------------
-# Defined here, not imported from faultline.kvm, so the model never depends on the bindings.
+# The bits come from faultline.x86mce, not faultline.kvm: the model never depends on the
+# bindings.
 MCE_BANK = 9
-MCI_STATUS_VAL = 1 << 63
-MCI_STATUS_OVER = 1 << 62
-MCI_STATUS_UC = 1 << 61
-MCI_STATUS_EN = 1 << 60
-MCI_STATUS_MISCV = 1 << 59
-MCI_STATUS_ADDRV = 1 << 58
-MCI_STATUS_PCC = 1 << 57
-MCI_STATUS_S = 1 << 56
-MCI_STATUS_AR = 1 << 55
 MCACOD_SRAR_DATA_LOAD = 0x134
 MCACOD_SRAO_SCRUB = 0xC0
-MCG_STATUS_RIPV = 1 << 0
-MCG_STATUS_EIPV = 1 << 1
-MCG_STATUS_MCIP = 1 << 2
-MCM_ADDR_PHYS = 2
 MCI_MISC_VALUE = (MCM_ADDR_PHYS << 6) | 0xC
 
 # How many times the VMM accepts the same (gpa, source) fault before it gives up: userspace

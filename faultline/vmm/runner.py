@@ -32,8 +32,6 @@ from faultline.vmm.faults import Detector, MemoryFault, Unrecoverable, bad_pages
 from faultline.vmm.uffd import SigbusOnMissing, UffdUnavailable, on_tmpfs
 
 KICK_SIGNAL = signal.SIGUSR1
-MCIP = pol.MCG_STATUS_MCIP
-MSR_MCG_STATUS = 0x17A
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 MMIO_FILL = b"\xde\xad\xfa\x17" * 2  # what a caught load "reads"; the task dies before use
@@ -555,9 +553,9 @@ class KvmRun:
         if v.pending_mce:
             # MCG_STATUS.MCIP is set only by an #MC we injected, so the first one needs no
             # MSR read; after that, check it (a guest still in its handler would be shut down).
-            mcg = vcpu.get_msrs([MSR_MCG_STATUS]).get(MSR_MCG_STATUS, 0) \
+            mcg = vcpu.get_msrs([uapi.MSR_IA32_MCG_STATUS]).get(uapi.MSR_IA32_MCG_STATUS, 0) \
                 if v.mce_injected else 0
-            if mcg & MCIP:
+            if mcg & uapi.MCG_STATUS_MCIP:
                 # A second #MC while MCIP is set shuts the VM down: wait for the guest to
                 # finish its handler (it clears MCIP).
                 self.log.emit("vmm_mce_deferred", vcpu=v.index, mcg_status=hex(mcg))
