@@ -7,6 +7,11 @@ shortest paths. The graph is kept compactly for the liveness analysis: CSR array
 one parent id and the index of the edge in the parent's ``actions()`` list (names are
 recomputed only for counterexamples).
 
+What is stored and hashed per state is the adapter's *key*: for faultline's model a flat
+tuple of interned component ids (adapter._Codec: cheap to hash and compare, where the
+nested state costs a deep hash per edge), for any other system the state itself.
+``Graph.states[i]`` decodes, so everything downstream sees the system's own states.
+
 Bounds (``max_states``, ``timeout_s``) stop the search with ``complete = False``: every
 verdict that needs the whole graph is then reported as incomplete, never as "holds".
 """
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +33,28 @@ BadFn = Callable[[State], int]
 _CLOCK_EVERY = 1024  # states between looks at the clock
 
 
+class States(Sequence):
+    """id -> state, decoded on access from the keys the explorer stores (the adapter's
+    interned form: see adapter._Codec); a plain list's behaviour otherwise."""
+
+    def __init__(self, keys: list[State], decode: Callable[[State], State]) -> None:
+        self.keys = keys
+        self._decode = decode
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._decode(k) for k in self.keys[i]]
+        return self._decode(self.keys[i])
+
+
 @dataclass
 class Graph:
     adapter: Adapter
-    states: list[State]  # id -> state
-    index: dict[State, int]  # state -> id
+    states: States  # id -> state (decoded from its key)
+    index: dict[State, int]  # key -> id
     parent: array  # id -> parent id (-1: the initial state)
     parent_edge: array  # id -> index of the edge in the parent's action list
     offsets: array  # edges of state i (i < expanded): [offsets[i], offsets[i + 1])
@@ -80,7 +102,8 @@ def explore(system: Any, *, max_states: int = 5_000_000, timeout_s: float | None
     ad = adapter if adapter is not None else Adapter(system)
     t0 = time.perf_counter()
     deadline = t0 + timeout_s if timeout_s is not None else None
-    s0 = ad.init()
+    s0 = ad.init()  # a key: ad.decode(key) is the system's state (identity but for the model)
+    decode = ad.decode
     states: list[State] = [s0]
     index: dict[State, int] = {s0: 0}
     parent = array("q", [-1])
@@ -99,7 +122,7 @@ def explore(system: Any, *, max_states: int = 5_000_000, timeout_s: float | None
         bad_seen |= mask
 
     if bad is not None:
-        m = bad(s0)
+        m = bad(decode(s0))
         if m:
             note_bad(0, m)
     expand = ad.expand
@@ -125,7 +148,7 @@ def explore(system: Any, *, max_states: int = 5_000_000, timeout_s: float | None
                 break
         j = 0
         for c, t in succ:
-            # One hash of the (nested, uncached-hash) state per edge: setdefault inserts
+            # One hash of the key (a flat int tuple for the model) per edge: setdefault inserts
             # the next id if t is new, else returns its id.
             n = len(states)
             tid = setdefault(t, n)
@@ -134,7 +157,7 @@ def explore(system: Any, *, max_states: int = 5_000_000, timeout_s: float | None
                 parent_append(sid)
                 pedge_append(j)
                 if bad is not None:
-                    m = bad(t)
+                    m = bad(decode(t))
                     if m & ~bad_seen:
                         note_bad(tid, m)
             dst_append(tid)
@@ -142,6 +165,6 @@ def explore(system: Any, *, max_states: int = 5_000_000, timeout_s: float | None
             j += 1
         offsets.append(len(dst))
         sid += 1
-    return Graph(ad, states, index, parent, parent_edge, offsets, dst, cls, sid, not stop,
-                 stop, time.perf_counter() - t0, first_bad,
+    return Graph(ad, States(states, decode), index, parent, parent_edge, offsets, dst, cls,
+                 sid, not stop, stop, time.perf_counter() - t0, first_bad,
                  len(states) if ad.canonical is not None else None)

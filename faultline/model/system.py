@@ -148,6 +148,16 @@ DEFAULT_PARAMS: dict[str, Any] = {
 
 
 class System:
+    # Actions of vCPU v (args[0] == v) that read and write only vCPU v, the tasks of vCPU
+    # v and the shared components (files, mem, guest, vmm, fired): never another vCPU nor
+    # another vCPU's tasks (the guest's memory_failure, which may kill any mapper, runs
+    # only in _guest_mce / _guest_notify, which are not listed). The checker memoises
+    # these per (action, args, those components) over interned components
+    # (check/adapter.py): ~96% of edges are then one dict lookup. The adapter asserts
+    # the write side on every memo miss; the read side is what this comment argues.
+    VCPU_LOCAL_ACTIONS = frozenset(("_step", "_async_execute", "_apf_ready",
+                                    "_request_exit", "_vmm_exit"))
+
     def __init__(self, scenario: Scenario, design: str, policy: str, **params: Any) -> None:
         if design not in DESIGNS:
             raise ValueError(f"unknown design {design!r} (one of: {', '.join(DESIGNS)})")
