@@ -21,7 +21,7 @@ from faultline.outcome import check
 from faultline.scenario import from_dict, load
 from faultline.vmm import decode
 from faultline.vmm import policy as pol
-from faultline.vmm.faults import Detector, Unrecoverable, resolve
+from faultline.vmm.faults import Detector, GuestUnmapped, Unrecoverable, resolve
 from faultline.vmm.runner import MMIO_FILL, KvmRun, run_kvm
 
 from .conftest import SCENARIOS
@@ -222,3 +222,13 @@ def test_runner_handles_synthetic_hardware_exits(tmp_path: Path) -> None:
         assert r.outcome.exits["memory_fault"] == 1
     finally:
         r._teardown()
+
+
+def test_bare_efault_on_an_address_the_guest_unmapped_is_a_retry(window: GuestMemory) -> None:
+    """Another vCPU's memory_failure() rewrote the PTE under an access already on its way:
+    the decoded address no longer translates. Blaming the lowest bad page would SIGBUS the
+    wrong task at the wrong address; re-entering lets the guest fault on its own PTE."""
+    det = Detector(window, 0x100000, lambda v, g: None,
+                   lambda v: [(0x101000, 1, "exec"), (None, 8, "read")])
+    with pytest.raises(GuestUnmapped):
+        det.from_exit(0, exits.BareEfault(errno.EFAULT))

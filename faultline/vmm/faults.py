@@ -46,6 +46,12 @@ class Unrecoverable(Exception):
     """A fault whose gpa cannot be found, or that keeps repeating after it was handled."""
 
 
+class GuestUnmapped(Exception):
+    """A bare -EFAULT whose decoded access the guest no longer maps: another vCPU's
+    memory_failure() rewrote the PTE under an access already on its way (a stale TLB).
+    Nothing to resolve: re-entering lets the guest fault on its own poisoned PTE."""
+
+
 def bad_pages(region: Region) -> list[int]:
     """GPAs of the pages of a file window that cannot be backed now: beyond EOF or holes."""
     if region.kind != "file":
@@ -68,11 +74,13 @@ class Detector:
 
     def __init__(self, memory: GuestMemory, ram_end: int,
                  translate: Callable[[int, int], int | None],
-                 locate: Callable[[int], list[tuple[int, int, str]]] | None = None) -> None:
+                 locate: Callable[[int], list[tuple[int | None, int, str]]] | None = None
+                 ) -> None:
         self.memory = memory
         self.ram_end = ram_end
         self.translate = translate  # (vcpu, gva) -> gpa | None, via KVM_TRANSLATE
-        # (vcpu) -> [(gpa, size, kind)] the instruction at RIP touches, fetch first
+        # (vcpu) -> [(gpa, size, kind)] the instruction at RIP touches, fetch first; gpa is
+        # None for an access whose address the guest's page tables no longer translate
         self.locate = locate
         self.handled: dict[int, int] = {}  # page gpa -> times handled
 
@@ -112,7 +120,10 @@ class Detector:
         the lowest. If there is none, the fault cannot be connected to a file and the VM
         cannot continue."""
         if self.locate is not None:
-            for gpa, size, kind in self.locate(vcpu):
+            accesses = self.locate(vcpu)
+            for gpa, size, kind in accesses:
+                if gpa is None:
+                    continue
                 region = self.memory.find_region(gpa)
                 if region is None or region.kind != "file":
                     continue
@@ -121,6 +132,9 @@ class Detector:
                         kind == "write" and region.readonly):
                     return MemoryFault(gpa, size, kind, "bare-efault", vcpu,
                                        poisoned=poisoned)
+            if any(gpa is None for gpa, _, _ in accesses[1:]):
+                raise GuestUnmapped(f"vCPU {vcpu}: bare EFAULT on an access the guest no "
+                                    "longer maps")
         for r in self.memory:
             for gpa in bad_pages(r):
                 if gpa not in self.handled:

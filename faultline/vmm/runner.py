@@ -28,7 +28,14 @@ from faultline.outcome import EventLog, FaultRecord, Outcome, Signal, TaskOutcom
 from faultline.scenario import HostEvent, Scenario, file_contents
 from faultline.vmm import decode
 from faultline.vmm import policy as pol
-from faultline.vmm.faults import Detector, MemoryFault, Unrecoverable, bad_pages, resolve
+from faultline.vmm.faults import (
+    Detector,
+    GuestUnmapped,
+    MemoryFault,
+    Unrecoverable,
+    bad_pages,
+    resolve,
+)
 from faultline.vmm.uffd import SigbusOnMissing, UffdUnavailable, on_tmpfs
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -83,6 +90,8 @@ class VcpuState:
     pending_mce: list[tuple[int, bool]] = field(default_factory=list)  # (gpa, AR)
     pending_irq: bool = False
     mce_injected: bool = False  # MCIP can only be set by an #MC we injected
+    parked: bool = False  # stopped at the top of its loop while a host event runs
+    unmapped_retries: int = 0  # consecutive bare EFAULTs on addresses the guest unmapped
     waiting: bool = False  # idle and parked in userspace
 
 
@@ -125,6 +134,7 @@ class KvmRun:
         self.watch_lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.stopping = False
+        self.pause_req = False  # a host event is running: every other vCPU parks
         self.finished_tasks: set[str] = set()
         self.bad_reports = 0
         self.writes: dict[int, int] = {}  # window gpa -> last value a task wrote there
@@ -211,14 +221,15 @@ class KvmRun:
         t = self.vcpus[vcpu].vcpu.translate(gva)
         return t.gpa if t.valid else None
 
-    def _locate(self, vcpu: int) -> list[tuple[int, int, str]]:
-        """GPAs the instruction at RIP touches (fetch first), for a bare -EFAULT."""
+    def _locate(self, vcpu: int) -> list[tuple[int | None, int, str]]:
+        """GPAs the instruction at RIP touches (fetch first), for a bare -EFAULT; None where
+        the guest's page tables no longer translate the address."""
         v = self.vcpus[vcpu].vcpu
         regs = v.get_regs()
         rip_gpa = self._translate(vcpu, regs.rip)
         if rip_gpa is None:
             return []
-        out = [(rip_gpa, 1, "exec")]
+        out: list[tuple[int | None, int, str]] = [(rip_gpa, 1, "exec")]
         code = b""
         # Never read the code through a window mapping that may be gone: pread/RAM only.
         with contextlib.suppress(GuestMemoryError, OSError):
@@ -231,9 +242,7 @@ class KvmRun:
             return out
         values = {name: getattr(regs, name) for name, _ in uapi.kvm_regs._fields_}
         for acc in decode.accesses(code, regs.rip, values)[1:]:
-            gpa = self._translate(vcpu, acc.gva)
-            if gpa is not None:
-                out.append((gpa, acc.size, acc.kind))
+            out.append((self._translate(vcpu, acc.gva), acc.size, acc.kind))
         return out
 
     # --- the run ----------------------------------------------------------------------------
@@ -372,6 +381,9 @@ class KvmRun:
         report_port, serial_port = abi.REPORT_PORT, abi.SERIAL_PORT
         serial = bytearray()
         while not self.stopping:
+            if self.pause_req:
+                self._park(v)
+                continue
             if v.pending_mce or v.pending_irq:
                 self._inject(v, kvm_run)
             ex = run()
@@ -458,6 +470,16 @@ class KvmRun:
                     rip = v.vcpu.get_regs().rip
             try:
                 fault = self.detector.from_exit(v.index, ex, rip)
+            except GuestUnmapped as e:
+                # Bounded: a guest that keeps faulting on what it does not map is stuck.
+                v.unmapped_retries += 1
+                self.outcome.count_exit("efault_retry")
+                self.log.emit("vmm_retry", vcpu=v.index, reason=str(e),
+                              retries=v.unmapped_retries)
+                if v.unmapped_retries > 8:
+                    self._stop("aborted", f"{e}, {v.unmapped_retries} times in a row")
+                    return False
+                return True
             except Unrecoverable as e:
                 self.outcome.count_exit("memory_fault")
                 self.log.emit("kvm_exit", vcpu=v.index, exit=kind, detail=repr(ex))
@@ -477,6 +499,7 @@ class KvmRun:
     # --- faults -------------------------------------------------------------------------------
     def _on_fault(self, v: VcpuState, fault: MemoryFault) -> None:
         assert self.detector is not None
+        v.unmapped_retries = 0
         self.outcome.count_exit("memory_fault")
         self.log.emit("kvm_exit", vcpu=v.index, exit="memory_fault", source=fault.source,
                       gpa=hex(fault.gpa), access=fault.access, size=fault.size)
@@ -705,7 +728,52 @@ class KvmRun:
             self.cond.notify_all()
 
     # --- host events ----------------------------------------------------------------------------
+    def _park(self, v: VcpuState) -> None:
+        with self.cond:
+            v.parked = True
+            self.cond.notify_all()
+            while self.pause_req and not self.stopping:
+                self.cond.wait(0.1)
+            v.parked = False
+        v.last_progress = time.monotonic()
+
+    @contextlib.contextmanager
+    def _world_stopped(self, v: VcpuState | None) -> Any:
+        """Stop every other vCPU (kick it out of KVM_RUN, park it) while a host event and
+        the VMM's reaction to it run, as QEMU pauses all vCPUs for such work. A trigger
+        'after T:N' then means the same on SMP as in the model: nothing else runs between
+        T's step N, the host change and (proactive) the notification."""
+        others = [o for o in self.vcpus if o is not v]
+        if v is None or not others:
+            yield
+            return
+        with self.cond:
+            # Another vCPU's host event may be running: wait for it parked, as it expects.
+            while self.pause_req and not self.stopping:
+                v.parked = True
+                self.cond.notify_all()
+                self.cond.wait(0.1)
+            v.parked = False
+            self.pause_req = True
+        for o in others:
+            self._kick(o)
+        deadline = time.monotonic() + 2.0
+        with self.cond:
+            while not all(o.parked or o.waiting or o.halted for o in others) \
+                    and not self.stopping and time.monotonic() < deadline:
+                self.cond.wait(0.01)
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.pause_req = False
+                self.cond.notify_all()
+
     def _fire(self, ev: HostEvent, v: VcpuState | None) -> None:
+        with self._world_stopped(v):
+            self._fire_stopped(ev, v)
+
+    def _fire_stopped(self, ev: HostEvent, v: VcpuState | None) -> None:
         region = self.memory.region(ev.file)
         f = self.sc.file(ev.file)
         path = str(self.run_dir / f.path)
