@@ -9,8 +9,10 @@ instruction's own address.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import iced_x86 as ix
 
@@ -36,28 +38,56 @@ class Access:
     kind: str  # read | write | exec
 
 
-def accesses(code: bytes, rip: int, regs: Mapping[str, int]) -> list[Access]:
-    """The memory accesses of the instruction at `rip` (its bytes in `code`), with their
-    guest virtual addresses computed from `regs` (kvm_regs names), fetch first."""
-    out = [Access(rip, 1, "exec")]
-    ins = ix.Decoder(64, code, ip=rip).decode()
+@dataclass(frozen=True, slots=True)
+class _Operand:
+    """One memory operand, independent of register values (what the cache keeps)."""
+
+    rip_rel: bool  # disp is then relative to the instruction's address
+    base: tuple[str, int] | None  # (kvm_regs name, mask)
+    index: tuple[str, int] | None
+    scale: int
+    disp: int
+    size: int
+    kind: str
+
+
+@functools.lru_cache(maxsize=4096)
+def _operands(code: bytes) -> tuple[_Operand, ...]:
+    """Decode once per instruction site: a guest faults again and again at the same few
+    load/store instructions (its copy loops), and a cold iced-x86 decode right after the
+    guest ran costs tens of microseconds on the fault path. Decoded at ip 0, so a
+    RIP-relative operand's address is (rip + disp)."""
+    ins = ix.Decoder(64, code, ip=0).decode()
     if ins.code == ix.Code.INVALID:
-        return out
+        return ()
+    out = []
     for mem in _info.info(ins).used_memory():
-        if mem.base == ix.Register.RIP:
-            ea = ins.ip_rel_memory_address
-        else:
-            ea = mem.displacement
-            if mem.base != ix.Register.NONE:
-                ea += _value(regs, mem.base)
-            if mem.index != ix.Register.NONE:
-                ea += _value(regs, mem.index) * mem.scale
-        size = max(1, int(ix.MemorySizeExt.size(mem.memory_size)))
-        kind = "read" if mem.access in _READS else "write"
-        out.append(Access(ea & ((1 << 64) - 1), size, kind))
+        # iced folds a RIP-relative operand into an absolute displacement (from ip 0 here)
+        # with no base register.
+        rip_rel = ins.is_ip_rel_memory_operand and mem.base == ix.Register.NONE \
+            and mem.index == ix.Register.NONE
+        out.append(_Operand(
+            rip_rel,
+            None if rip_rel or mem.base == ix.Register.NONE else _REGS.get(mem.base, ("", 0)),
+            None if mem.index == ix.Register.NONE else _REGS.get(mem.index, ("", 0)),
+            mem.scale,
+            mem.displacement,
+            max(1, int(ix.MemorySizeExt.size(mem.memory_size))),
+            "read" if mem.access in _READS else "write"))
+    return tuple(out)
+
+
+def accesses(code: bytes, rip: int, regs: Mapping[str, int] | Any) -> list[Access]:
+    """The memory accesses of the instruction at `rip` (its bytes in `code`), with their
+    guest virtual addresses computed from `regs` (a kvm_regs, or a mapping of its field
+    names), fetch first."""
+    get = regs.get if isinstance(regs, Mapping) else (lambda n, d=0: getattr(regs, n, d))
+    out = [Access(rip, 1, "exec")]
+    for op in _operands(bytes(code)):
+        ea = op.disp + (rip if op.rip_rel else 0)
+        if op.base is not None:
+            ea += get(op.base[0], 0) & op.base[1]
+        if op.index is not None:
+            ea += (get(op.index[0], 0) & op.index[1]) * op.scale
+        out.append(Access(ea & ((1 << 64) - 1), op.size, op.kind))
     return out
-
-
-def _value(regs: Mapping[str, int], reg: int) -> int:
-    name, mask = _REGS.get(reg, ("", 0))
-    return regs.get(name, 0) & mask

@@ -240,8 +240,7 @@ class KvmRun:
                 code += self.memory.read(nxt, 15 - n)
         if not code:
             return out
-        values = {name: getattr(regs, name) for name, _ in uapi.kvm_regs._fields_}
-        for acc in decode.accesses(code, regs.rip, values)[1:]:
+        for acc in decode.accesses(code, regs.rip, regs)[1:]:
             out.append((self._translate(vcpu, acc.gva), acc.size, acc.kind))
         return out
 
