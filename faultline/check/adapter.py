@@ -88,13 +88,7 @@ class Adapter:
         out = []
         append = out.append
         for _name, actor, fn, args in self._enabled(s, False):
-            if actor[0] == "a":  # asyncN: one class per work item (token, gfn)
-                item = args[1]
-                key: Hashable = (actor, item[0], item[1])
-            elif actor == "vmm":
-                key = (actor, fn.__name__, args)
-            else:
-                key = actor
+            key = _class_key(actor, fn, args)
             cid = ids.get(key)
             if cid is None:
                 cid = self.intern(key)
@@ -122,13 +116,7 @@ class Adapter:
         out = []
         append = out.append
         for _name, actor, fn, args in self._enabled(s, False):
-            if actor[0] == "a":  # asyncN: one class per work item (token, gfn)
-                item = args[1]
-                key: Hashable = (actor, item[0], item[1])
-            elif actor == "vmm":
-                key = (actor, fn.__name__, args)
-            else:
-                key = actor
+            key = _class_key(actor, fn, args)
             cid = ids.get(key)
             if cid is None:
                 cid = self.intern(key)
@@ -169,6 +157,18 @@ class Adapter:
 
 def _identity(s: State) -> State:
     return s
+
+
+def _class_key(actor: str, fn: Any, args: tuple) -> Hashable:
+    """An edge's fairness class: a vCPU edge's class is its actor string (interned by the
+    model, hash cached); an async worker's is its work item (token, gfn); the VMM's is the
+    exit or file it handles."""
+    if actor[0] == "a":  # asyncN
+        item = args[1]
+        return (actor, item[0], item[1])
+    if actor == "vmm":
+        return (actor, fn.__name__, args)
+    return actor
 
 
 class _Codec:
