@@ -25,7 +25,6 @@ import errno as _errno
 import mmap
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, NamedTuple, Self
 
@@ -350,9 +349,10 @@ def proc_maps_entry(hva: int, pid: int | str = "self") -> MapsEntry | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class Resolution:
-    """Where a gpa lands on the host, and why an access there would fail (`cause`)."""
+class Resolution(NamedTuple):
+    """Where a gpa lands on the host, and why an access there would fail (`cause`).
+    A NamedTuple, not a frozen dataclass: it is built on the fault path, and a frozen
+    dataclass's __init__ (object.__setattr__ per field) costs several times more."""
 
     gpa: int
     hva: int | None
@@ -363,6 +363,11 @@ class Resolution:
     cause: Cause
     inode: int | None = None
     mapping: MapsEntry | None = None
+
+    def checked(self, memory: GuestMemory) -> Resolution:
+        """This resolution with the /proc/self/maps line its hva lies in (for cross_check)."""
+        r = memory.find_region(self.gpa) if self.hva is not None else None
+        return self if r is None else self._replace(mapping=r.maps_entry(self.hva))
 
     def cross_check(self) -> list[str]:
         """Disagreements between this resolution and /proc/self/maps (empty: agree)."""

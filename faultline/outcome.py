@@ -6,6 +6,7 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -157,6 +158,11 @@ class EventLog:
     so logging stays off the exit path. ``close`` (always called, also when a run fails or
     is interrupted) drains the queue, so the log holds every event. Thread-safe: every vCPU
     thread and the VMM's watcher emit.
+
+    ``emit_later`` stamps an event now (its place in the order, its time) and computes its
+    fields afterwards, on the writer thread, or at ``flush`` when there is no file: the
+    VMM's diagnostic work on a fault (the /proc/self/maps cross-check, the record) then
+    overlaps the guest's handling of the injected event instead of delaying it.
     """
 
     _STOP = object()
@@ -170,6 +176,7 @@ class EventLog:
         self.step = 0
         self.events: list[dict[str, Any]] = []
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._later: list[tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = []
         self._writer: threading.Thread | None = None
         if self._fh is not None:
             self._writer = threading.Thread(target=self._write_loop, name="eventlog",
@@ -178,6 +185,16 @@ class EventLog:
 
     def emit(self, kind: str, *, vcpu: int | None = None, task: str | None = None,
              **fields: Any) -> dict[str, Any]:
+        return self._emit(kind, vcpu, task, fields, None)
+
+    def emit_later(self, kind: str, fill: Callable[[], dict[str, Any]], *,
+                   vcpu: int | None = None, task: str | None = None) -> dict[str, Any]:
+        """An event stamped now whose fields ``fill()`` supplies later, before the events
+        emitted after it are written. A ``fill`` that raises leaves ``fill_error``."""
+        return self._emit(kind, vcpu, task, {}, fill)
+
+    def _emit(self, kind: str, vcpu: int | None, task: str | None, fields: dict[str, Any],
+              fill: Callable[[], dict[str, Any]] | None) -> dict[str, Any]:
         with self._lock:
             ev: dict[str, Any] = {"seq": len(self.events)}
             if self._clock == "us":
@@ -189,16 +206,49 @@ class EventLog:
             ev["kind"] = kind
             ev.update(fields)
             self.events.append(ev)
-            if self._writer is not None:
+            if fill is not None:
+                if self._writer is not None:
+                    self._q.put((ev, fill))
+                else:
+                    self._later.append((ev, fill))
+            elif self._writer is not None:
                 self._q.put(ev)
             return ev
+
+    @staticmethod
+    def _fill(ev: dict[str, Any], fill: Callable[[], dict[str, Any]]) -> None:
+        try:
+            ev.update(fill())
+        except Exception as e:  # the log must survive a failed diagnostic
+            ev["fill_error"] = f"{type(e).__name__}: {e}"
 
     def _write_loop(self) -> None:
         fh = self._fh
         assert fh is not None
-        get, dumps, stop = self._q.get, json.dumps, self._STOP
-        while (ev := get()) is not stop:
+        get, dumps, stop, fill = self._q.get, json.dumps, self._STOP, self._fill
+        while (item := get()) is not stop:
+            t = type(item)
+            if t is tuple:  # emit_later: fields first
+                ev = item[0]
+                fill(ev, item[1])
+            elif t is threading.Event:  # a flush() marker
+                item.set()
+                continue
+            else:
+                ev = item
             fh.write(dumps(ev, default=_jsonable) + "\n")
+
+    def flush(self) -> None:
+        """Wait until every event emitted so far has its fields (and is written)."""
+        with self._lock:
+            writer = self._writer
+            later, self._later = self._later, []
+        for ev, fill in later:
+            self._fill(ev, fill)
+        if writer is not None and writer is not threading.current_thread():
+            done = threading.Event()
+            self._q.put(done)
+            done.wait()
 
     def close(self) -> None:
         with self._lock:
@@ -206,6 +256,7 @@ class EventLog:
         if writer is not None:
             self._q.put(self._STOP)
             writer.join()
+        self.flush()  # without a file: fields still owed
         if self._fh is not None:
             self._fh.close()
             self._fh = None

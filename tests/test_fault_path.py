@@ -21,7 +21,7 @@ from faultline.outcome import check
 from faultline.scenario import from_dict, load
 from faultline.vmm import decode
 from faultline.vmm import policy as pol
-from faultline.vmm.faults import Detector, GuestUnmapped, Unrecoverable, resolve
+from faultline.vmm.faults import Detector, GuestUnmapped, MemoryFault, Unrecoverable, resolve
 from faultline.vmm.runner import MMIO_FILL, KvmRun, run_kvm
 
 from .conftest import SCENARIOS
@@ -217,9 +217,34 @@ def test_runner_handles_synthetic_hardware_exits(tmp_path: Path) -> None:
         buf = _run_buf(uapi.KVM_EXIT_MEMORY_FAULT, struct.pack("<QQQ", 0, 0x1_0000_3000, 8))
         assert r._on_other(v, exits.decode_exit(buf, -1, errno.EFAULT))
         assert v.pending_mce == [(0x1_0000_3000, True)]
+        r.log.flush()  # the record is built after the injection is queued
         [rec] = r.outcome.faults
         assert (rec.cause, rec.source, rec.offset) == ("beyond-eof", "memory-fault-exit", 0x3000)
         assert r.outcome.exits["memory_fault"] == 1
+        kinds = [e["kind"] for e in r.log.events]
+        # stamped in order: resolution before the decision it led to
+        assert kinds.index("vmm_resolve") < kinds.index("vmm_queue_mce")
+        [ev] = [e for e in r.log.events if e["kind"] == "vmm_resolve"]
+        assert ev["cause"] == "beyond-eof" and ev["maps"]["path"] == str(r.run_dir / "dax0")
+        assert not r.stopping
+    finally:
+        r._teardown()
+
+
+@pytest.mark.kvm
+def test_a_resolution_that_disagrees_with_proc_maps_stops_the_vm(tmp_path: Path) -> None:
+    """The maps cross-check runs after the SRAR is queued; when /proc/self/maps says the
+    window is some other file, the record says so and the VM is stopped."""
+    sc = load(SCENARIOS / "dax-truncate.toml")
+    r = KvmRun(sc, "mce", events_path=tmp_path / "ev.jsonl")
+    try:
+        r._setup()
+        fault = MemoryFault(0x1_0000_3000, 8, "read", "memory-fault-exit", 0)
+        res = r.memory.resolve(fault.gpa, cross_check=False)._replace(path="/elsewhere")
+        fields = r._record(fault, res, "beyond-eof")
+        assert "maps: path" in fields["cause"]
+        assert r.stopping and r.outcome.vm == "aborted"
+        assert "disagrees with /proc/self/maps" in (r.outcome.reason or "")
     finally:
         r._teardown()
 

@@ -287,6 +287,16 @@ class Vcpu(_Fd):
     def complete_hypercall(self, ret: int) -> None:
         complete_hypercall(self.kvm_run, ret)
 
+    # --- KVM_CAP_SYNC_REGS ------------------------------------------------------------------
+    def sync_regs(self, mask: int) -> None:
+        """Ask KVM to store these kvm_sync_regs parts (KVM_SYNC_X86_*) into kvm_run at every
+        exit, so reading them needs no ioctl. kvm_dirty_regs stays 0: never loaded back."""
+        _U64.pack_into(self.kvm_run, uapi.KVM_RUN_VALID_REGS_OFFSET, mask)
+
+    def synced_regs(self) -> uapi.kvm_regs:
+        """The GPRs KVM stored at the last exit (after sync_regs(KVM_SYNC_X86_REGS)); a copy."""
+        return uapi.kvm_regs.from_buffer_copy(self.kvm_run, uapi.KVM_RUN_SYNC_REGS_OFFSET)
+
     # --- cold ioctls -----------------------------------------------------------------------
     def get_regs(self) -> uapi.kvm_regs:
         regs = uapi.kvm_regs()

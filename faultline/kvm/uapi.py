@@ -146,6 +146,7 @@ KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_INTERNAL_ERROR_DATA = 40
 KVM_CAP_VCPU_EVENTS = 41
 KVM_CAP_ASYNC_PF = 59
+KVM_CAP_SYNC_REGS = 74
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_READONLY_MEM = 81
 KVM_CAP_IMMEDIATE_EXIT = 136
@@ -420,6 +421,11 @@ class kvm_run_exit(ctypes.Union):
 
 
 SYNC_REGS_SIZE_BYTES = 2048
+# kvm_run.kvm_valid_regs bits (x86): which of struct kvm_sync_regs { kvm_regs regs;
+# kvm_sregs sregs; kvm_vcpu_events events; } KVM stores into kvm_run.s at every exit.
+KVM_SYNC_X86_REGS = 1 << 0
+KVM_SYNC_X86_SREGS = 1 << 1
+KVM_SYNC_X86_EVENTS = 1 << 2
 
 
 class kvm_run(_Struct):
@@ -449,9 +455,12 @@ class kvm_run(_Struct):
 KVM_RUN_IMMEDIATE_EXIT_OFFSET = kvm_run.immediate_exit.offset
 KVM_RUN_EXIT_REASON_OFFSET = kvm_run.exit_reason.offset
 KVM_RUN_EXIT_UNION_OFFSET = kvm_run.u.offset
+KVM_RUN_VALID_REGS_OFFSET = kvm_run.kvm_valid_regs.offset
+KVM_RUN_SYNC_REGS_OFFSET = kvm_run.s.offset  # kvm_sync_regs.regs is its first member
 assert KVM_RUN_IMMEDIATE_EXIT_OFFSET == 1
 assert KVM_RUN_EXIT_REASON_OFFSET == 8
 assert KVM_RUN_EXIT_UNION_OFFSET == 32
+assert KVM_RUN_VALID_REGS_OFFSET == 288 and KVM_RUN_SYNC_REGS_OFFSET == 304
 assert ctypes.sizeof(kvm_run_exit) == 256
 assert ctypes.sizeof(kvm_run) == 32 + 256 + 16 + SYNC_REGS_SIZE_BYTES
 assert ctypes.sizeof(kvm_regs) == 144

@@ -9,10 +9,11 @@ instruction's own address.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import iced_x86 as ix
 
@@ -31,8 +32,9 @@ _READS = {ix.OpAccess.READ, ix.OpAccess.COND_READ, ix.OpAccess.READ_WRITE,
 _info = ix.InstructionInfoFactory()
 
 
-@dataclass(frozen=True, slots=True)
-class Access:
+class Access(NamedTuple):
+    """(A NamedTuple: built on the fault path, where a frozen dataclass costs more.)"""
+
     gva: int
     size: int
     kind: str  # read | write | exec
@@ -81,13 +83,18 @@ def accesses(code: bytes, rip: int, regs: Mapping[str, int] | Any) -> list[Acces
     """The memory accesses of the instruction at `rip` (its bytes in `code`), with their
     guest virtual addresses computed from `regs` (a kvm_regs, or a mapping of its field
     names), fetch first."""
-    get = regs.get if isinstance(regs, Mapping) else (lambda n, d=0: getattr(regs, n, d))
     out = [Access(rip, 1, "exec")]
-    for op in _operands(bytes(code)):
+    ops = _operands(code if type(code) is bytes else bytes(code))
+    if not ops:
+        return out
+    # a kvm_regs (ctypes fields), or a mapping of register names
+    get = (lambda n, d=0: getattr(regs, n, d)) if isinstance(regs, ctypes.Structure) \
+        else regs.get
+    for op in ops:
         ea = op.disp + (rip if op.rip_rel else 0)
         if op.base is not None:
             ea += get(op.base[0], 0) & op.base[1]
         if op.index is not None:
             ea += (get(op.index[0], 0) & op.index[1]) * op.scale
-        out.append(Access(ea & ((1 << 64) - 1), op.size, op.kind))
+        out.append(Access(ea & 0xFFFF_FFFF_FFFF_FFFF, op.size, op.kind))
     return out

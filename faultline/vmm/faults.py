@@ -19,19 +19,20 @@ from __future__ import annotations
 import errno as _errno
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from faultline.abi import PAGE_SIZE
 from faultline.kvm import exits
-from faultline.memory import GuestMemory, MapsEntry, Region, file_holes
+from faultline.memory import GuestMemory, MapsEntry, Region, Resolution, file_holes
 from faultline.outcome import FaultRecord
 
 EHWPOISON = getattr(_errno, "EHWPOISON", 133)
 
 
-@dataclass(frozen=True, slots=True)
-class MemoryFault:
-    """A guest access the host could not back, however KVM reported it."""
+class MemoryFault(NamedTuple):
+    """A guest access the host could not back, however KVM reported it. (A NamedTuple: it
+    is built on the fault path, where a frozen dataclass's __init__ costs several times
+    more.)"""
 
     gpa: int
     size: int
@@ -40,6 +41,8 @@ class MemoryFault:
     vcpu: int
     poisoned: bool = False  # EHWPOISON / BUS_MCEERR_*: the host page itself is bad
     in_progress: bool = False  # the access completes on re-entry (MMIO): kill before use
+    # the detector's resolution (no maps cross-check yet), when it needed one to decide
+    resolution: Resolution | None = None
 
 
 class Unrecoverable(Exception):
@@ -127,11 +130,11 @@ class Detector:
                 region = self.memory.find_region(gpa)
                 if region is None or region.kind != "file":
                     continue
-                cause = self.memory.resolve(gpa, cross_check=False).cause
-                if poisoned or cause in ("beyond-eof", "hole") or (
+                res = self.memory.resolve(gpa, cross_check=False)
+                if poisoned or res.cause in ("beyond-eof", "hole") or (
                         kind == "write" and region.readonly):
-                    return MemoryFault(gpa, size, kind, "bare-efault", vcpu,
-                                       poisoned=poisoned)
+                    return MemoryFault(gpa, size, kind, "bare-efault", vcpu, poisoned, False,
+                                       res)
             if any(gpa is None for gpa, _, _ in accesses[1:]):
                 raise GuestUnmapped(f"vCPU {vcpu}: bare EFAULT on an access the guest no "
                                     "longer maps")
@@ -152,24 +155,34 @@ class Detector:
             raise Unrecoverable(f"gpa {page:#x} faulted {n} times after being handled")
 
 
+def classify(memory: GuestMemory, fault: MemoryFault, res: Resolution) -> str:
+    """The cause the policy decides on: the resolution's, refined by what the exit said
+    (poison) and by the access (a store to a read-only window)."""
+    if fault.poisoned:
+        return "poisoned"
+    if res.cause != "ok":
+        return res.cause
+    region = memory.find_region(fault.gpa)
+    if fault.access == "write" and region is not None and region.readonly:
+        return "read-only"
+    return "unknown"
+
+
+def record(memory: GuestMemory, fault: MemoryFault, res: Resolution,
+           cause: str) -> tuple[FaultRecord, MapsEntry | None, list[str]]:
+    """The fault's record, cross-checked with /proc/self/maps (the mapping must be the
+    region's file at the region's offset): (record, the maps line, disagreements)."""
+    res = res.checked(memory)
+    problems = res.cross_check() if res.mapping is not None and res.path is not None else []
+    if problems:
+        cause = f"{cause} (maps: {'; '.join(problems)})"
+    return FaultRecord(fault.gpa, res.hva, res.path, res.file_offset, res.file_size, cause,
+                       fault.source), res.mapping, problems
+
+
 def resolve(memory: GuestMemory, fault: MemoryFault) -> tuple[FaultRecord, MapsEntry | None]:
     """GPA -> HVA -> (file, offset, size now) and the cause, cross-checked with
-    /proc/self/maps (the mapping must be the region's file at the region's offset).
-    Returns the record and the maps line it was checked against."""
-    res = memory.resolve(fault.gpa)
-    cause = res.cause
-    if fault.poisoned:
-        cause = "poisoned"
-    elif cause == "ok":
-        region = memory.find_region(fault.gpa)
-        if fault.access == "write" and region is not None and region.readonly:
-            cause = "read-only"
-        else:
-            cause = "unknown"
-    path = res.path
-    if res.mapping is not None and res.path is not None:
-        problems = res.cross_check()
-        if problems:
-            cause = f"{cause} (maps: {'; '.join(problems)})"
-    return FaultRecord(fault.gpa, res.hva, path, res.file_offset, res.file_size, cause,
-                       fault.source), res.mapping
+    /proc/self/maps. Returns the record and the maps line it was checked against."""
+    res = memory.resolve(fault.gpa, cross_check=False)
+    rec, mapping, _ = record(memory, fault, res, classify(memory, fault, res))
+    return rec, mapping

@@ -39,6 +39,9 @@ PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
 POLICIES = ("abort", "mce", "notify", "proactive")
+# The policies whose decision reads the file window (the range to notify); the others
+# decide from the cause alone, so a VMM need not look at the window for them.
+WINDOWED = frozenset({"notify", "proactive"})
 
 # Causes (the names used by FaultRecord.cause); numeric codes as in faultline.abi.CAUSE_*.
 CAUSE_CODES = {"beyond-eof": 1, "hole": 2, "poisoned": 3, "read-only": 4}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -23,10 +24,10 @@ from typing import Any
 
 from faultline import abi
 from faultline.kvm import Kvm, KvmError, Vcpu, Vm, exits, uapi
-from faultline.memory import GuestMemory, GuestMemoryError, file_holes
-from faultline.outcome import EventLog, FaultRecord, Outcome, Signal, TaskOutcome
+from faultline.memory import GuestMemory, GuestMemoryError, Resolution, file_holes
+from faultline.outcome import EventLog, Outcome, Signal, TaskOutcome
 from faultline.scenario import HostEvent, Scenario, file_contents
-from faultline.vmm import decode
+from faultline.vmm import decode, mmu
 from faultline.vmm import policy as pol
 from faultline.vmm.faults import (
     Detector,
@@ -34,7 +35,8 @@ from faultline.vmm.faults import (
     MemoryFault,
     Unrecoverable,
     bad_pages,
-    resolve,
+    classify,
+    record,
 )
 from faultline.vmm.uffd import SigbusOnMissing, UffdUnavailable, on_tmpfs
 
@@ -93,6 +95,7 @@ class VcpuState:
     parked: bool = False  # stopped at the top of its loop while a host event runs
     unmapped_retries: int = 0  # consecutive bare EFAULTs on addresses the guest unmapped
     waiting: bool = False  # idle and parked in userspace
+    synced_regs: bool = False  # KVM stores the GPRs into kvm_run at every exit
 
 
 class KvmRun:
@@ -192,11 +195,17 @@ class KvmRun:
         boot.write_boot(self.memory.write, sc, image,
                         boot_info=boot.build_boot_info(sc, programs=self.programs))
         mcg_cap = (self.kvm.mce_cap_supported() & (uapi.MCG_CTL_P | uapi.MCG_SER_P)) | 10
+        # GPRs synced into kvm_run: a bare -EFAULT's decode reads them with no ioctl. Not
+        # the sregs: storing those costs ~0.4 us on every exit (the fault path does one
+        # KVM_GET_SREGS instead); the GPRs cost nothing measurable (docs/performance.md).
+        sync = self.kvm.check_extension(uapi.KVM_CAP_SYNC_REGS) & uapi.KVM_SYNC_X86_REGS
         for i in range(sc.vcpus):
             vcpu = self.vm.create_vcpu(i)
             boot.setup_vcpu(vcpu, i, image, self.kvm)
             vcpu.setup_mce(mcg_cap)
-            self.vcpus.append(VcpuState(i, vcpu))
+            if sync:
+                vcpu.sync_regs(uapi.KVM_SYNC_X86_REGS)
+            self.vcpus.append(VcpuState(i, vcpu, synced_regs=bool(sync)))
         self.detector = Detector(self.memory, sc.ram_bytes, self._translate, self._locate)
         if self.policy == "proactive":
             self._start_watch()
@@ -223,10 +232,26 @@ class KvmRun:
 
     def _locate(self, vcpu: int) -> list[tuple[int | None, int, str]]:
         """GPAs the instruction at RIP touches (fetch first), for a bare -EFAULT; None where
-        the guest's page tables no longer translate the address."""
-        v = self.vcpus[vcpu].vcpu
-        regs = v.get_regs()
-        rip_gpa = self._translate(vcpu, regs.rip)
+        the guest's page tables no longer translate the address. One KVM_GET_REGS and one
+        KVM_GET_SREGS, then the page tables are walked in RAM (mmu.py); KVM_TRANSLATE only
+        where that walk does not apply."""
+        state = self.vcpus[vcpu]
+        v = state.vcpu
+        regs = v.synced_regs() if state.synced_regs else v.get_regs()
+        sregs = v.get_sregs()
+        ram = self.ram_view
+        levels = mmu.levels(sregs.cr0, sregs.cr4, sregs.efer) if ram is not None else 0
+        cr3 = sregs.cr3
+
+        def translate(gva: int) -> int | None:
+            if levels:
+                gpa = mmu.walk(ram, cr3, gva, levels)  # type: ignore[arg-type]
+                if gpa != mmu.UNHANDLED:
+                    return gpa
+            return self._translate(vcpu, gva)
+
+        rip = regs.rip
+        rip_gpa = translate(rip)
         if rip_gpa is None:
             return []
         out: list[tuple[int | None, int, str]] = [(rip_gpa, 1, "exec")]
@@ -234,14 +259,15 @@ class KvmRun:
         # Never read the code through a window mapping that may be gone: pread/RAM only.
         with contextlib.suppress(GuestMemoryError, OSError):
             n = min(15, abi.PAGE_SIZE - (rip_gpa & (abi.PAGE_SIZE - 1)))
-            code = self.memory.read(rip_gpa, n)
-            nxt = self._translate(vcpu, regs.rip + n) if n < 15 else None
+            code = bytes(ram[rip_gpa:rip_gpa + n]) if ram is not None and \
+                rip_gpa + n <= len(ram) else self.memory.read(rip_gpa, n)
+            nxt = translate(rip + n) if n < 15 else None
             if nxt is not None:
                 code += self.memory.read(nxt, 15 - n)
         if not code:
             return out
-        for acc in decode.accesses(code, regs.rip, regs)[1:]:
-            out.append((self._translate(vcpu, acc.gva), acc.size, acc.kind))
+        for acc in decode.accesses(code, rip, regs)[1:]:
+            out.append((translate(acc.gva), acc.size, acc.kind))
         return out
 
     # --- the run ----------------------------------------------------------------------------
@@ -299,6 +325,7 @@ class KvmRun:
             raise
 
     def _finish(self) -> None:
+        self.log.flush()  # every fault's record (built off the fault path) is in the outcome
         o = self.outcome
         if not self.stopping and o.vm == "completed":
             unfinished = [t.name for t in self.sc.tasks if t.name not in self.finished_tasks]
@@ -322,6 +349,7 @@ class KvmRun:
         if self.inotify is not None:
             self.inotify.close()
             self.inotify = None
+        self.log.flush()  # records still owed need the memory map: before it goes
         self.ram_view = None
         if self.vm is not None:
             self.vm.close()
@@ -497,31 +525,45 @@ class KvmRun:
 
     # --- faults -------------------------------------------------------------------------------
     def _on_fault(self, v: VcpuState, fault: MemoryFault) -> None:
+        """Resolve, decide, queue. Only what the decision needs is on this path (the cause:
+        region lookup, fstat, SEEK_DATA); the record with its /proc/self/maps cross-check
+        is built after the injection is queued (EventLog.emit_later), overlapping the
+        guest's handling of it. A cross-check that fails then stops the VM."""
         assert self.detector is not None
         v.unmapped_retries = 0
         self.outcome.count_exit("memory_fault")
         self.log.emit("kvm_exit", vcpu=v.index, exit="memory_fault", source=fault.source,
                       gpa=hex(fault.gpa), access=fault.access, size=fault.size)
-        rec, maps = resolve(self.memory, fault)
-        with self.lock:
-            self.outcome.faults.append(rec)
-        self.log.emit("vmm_resolve", vcpu=v.index, line=rec.line(), **rec.to_json(),
-                      maps=maps._asdict() if maps is not None else None)
+        res = fault.resolution or self.memory.resolve(fault.gpa, cross_check=False)
+        cause = classify(self.memory, fault, res)
+        self.log.emit_later("vmm_resolve", functools.partial(self._record, fault, res, cause),
+                            vcpu=v.index)
         try:
             self.detector.note_handled(fault)
         except Unrecoverable as e:
             self._stop("aborted", str(e))
             return
-        window = self._window(fault.gpa, rec)
-        decision = pol.decide(self.policy, fault.gpa, rec.cause, window)
-        self._apply(v, fault, decision)
+        window = self._window(fault.gpa, res.file_size) if self.policy in pol.WINDOWED \
+            else None
+        self._apply(v, fault, pol.decide(self.policy, fault.gpa, cause, window))
 
-    def _window(self, gpa: int, rec: FaultRecord) -> pol.Window | None:
+    def _record(self, fault: MemoryFault, res: Resolution, cause: str) -> dict[str, Any]:
+        """The fault's record and its vmm_resolve fields (off the fault path)."""
+        rec, maps, problems = record(self.memory, fault, res, cause)
+        with self.lock:
+            self.outcome.faults.append(rec)
+            if problems and not self.stopping:
+                self._stop("aborted", f"gpa {fault.gpa:#x}: resolution disagrees with "
+                                      f"/proc/self/maps: {'; '.join(problems)}")
+        return {"line": rec.line(), **rec.to_json(),
+                "maps": maps._asdict() if maps is not None else None}
+
+    def _window(self, gpa: int, file_size: int | None) -> pol.Window | None:
         region = self.memory.find_region(gpa)
         if region is None or region.kind != "file":
             return None
         f = self.sc.file(region.name)
-        size = rec.file_size if rec.file_size is not None else 0
+        size = file_size if file_size is not None else 0
         holes = tuple(file_holes(region.fd, 0, min(size, f.window_bytes)))
         return pol.Window(int(region.gpa), region.size, size, self.known_size.get(f.name), holes)
 

@@ -99,6 +99,26 @@ def test_out_then_hlt_and_leaks(kvm: Kvm) -> None:
     assert _maps() <= maps_before
 
 
+def test_sync_regs_match_kvm_get_regs(kvm: Kvm) -> None:
+    """With KVM_SYNC_X86_REGS, the GPRs KVM stores into kvm_run at each exit are the ones
+    KVM_GET_REGS returns (the fault path reads them instead of the ioctl)."""
+    if not kvm.check_extension(uapi.KVM_CAP_SYNC_REGS) & uapi.KVM_SYNC_X86_REGS:
+        pytest.skip("KVM_CAP_SYNC_REGS without KVM_SYNC_X86_REGS")
+    with GuestMemory() as mem, kvm.create_vm() as vm:
+        ram = mem.add_anonymous("ram", 0, RAM_SIZE)
+        # mov ebx, 0x11223344 (66-prefixed in real mode); inc si; out 0x10, al; hlt
+        mem.write(CODE_GPA, bytes([0x66, 0xBB, 0x44, 0x33, 0x22, 0x11, 0x46, 0xE6, 0x10, 0xF4]))
+        vm.set_tss_addr(0xFFFB_D000)
+        vm.set_user_memory_region(0, ram.gpa, ram.size, ram.hva)
+        vcpu = _real_mode_vcpu(vm, CODE_GPA)
+        vcpu.sync_regs(uapi.KVM_SYNC_X86_REGS)
+        for want in (IoOut, Hlt):
+            assert isinstance(vcpu.run(), want)
+            synced, regs = vcpu.synced_regs(), vcpu.get_regs()
+            assert bytes(synced) == bytes(regs)
+        assert (synced.rbx, synced.rsi, synced.rip) == (0x11223344, 1, CODE_GPA + 10)
+
+
 def test_load_from_truncated_file_window_is_mmio(kvm: Kvm, tmp_path: Path) -> None:
     backing = tmp_path / "dax.img"
     backing.write_bytes(b"\x5a" * 0x2000)
