@@ -14,6 +14,7 @@
 #define PAGE_MASK (~(uint64_t)(PAGE_SIZE - 1))
 
 static uint64_t pending_gpa, faults;
+static uint64_t t_fault, t_mce; /* fault exit seen; KVM_X86_SET_MCE done: the VMM's share */
 static int pending;
 
 /* A bare -EFAULT names no GPA: the instruction's context first, then the first window page
@@ -74,6 +75,8 @@ static void inject(void)
                               .mcg_status = mce_mcg_status, .bank = (uint8_t)mce_bank};
     if (ioctl(vcpu_fd, KVM_X86_SET_MCE, &mce) < 0)
         die("KVM_X86_SET_MCE");
+    if (!t_mce)
+        t_mce = now_ns();
     pending = 0;
 }
 
@@ -93,6 +96,8 @@ int main(int argc, char **argv)
             if (errno == EINTR)
                 continue;
             if (errno == EFAULT) {
+                if (!t_fault)
+                    t_fault = now_ns();
                 source = "bare-efault";
                 on_fault(recover_bare());
                 continue;
@@ -125,6 +130,8 @@ int main(int argc, char **argv)
             if (!run->mmio.is_write) /* completed on re-entry: filler, never used */
                 memset(run->mmio.data, r ? 0xde : 0xff, run->mmio.len);
             if (r) {
+                if (!t_fault)
+                    t_fault = now_ns();
                 source = "mmio";
                 on_fault(run->mmio.phys_addr);
             }
@@ -139,7 +146,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "bench: no task start / #MC report seen\n");
         return 3;
     }
-    printf("{\"fault_to_mce_ns\": %llu, \"source\": \"%s\", \"faults\": %llu}\n",
-           (unsigned long long)(t1 - t0), source, (unsigned long long)faults);
+    printf("{\"fault_to_mce_ns\": %llu, \"to_fault_ns\": %llu, \"vmm_ns\": %llu, "
+           "\"source\": \"%s\", \"faults\": %llu}\n", (unsigned long long)(t1 - t0),
+           (unsigned long long)(t_fault - t0), (unsigned long long)(t_mce - t_fault), source,
+           (unsigned long long)faults);
     return 0;
 }

@@ -474,9 +474,11 @@ class GuestMemory:
             yield slot, int(r.gpa), r.size, r.hva, r.readonly
 
     # --- resolution ----------------------------------------------------------------------
-    def resolve(self, gpa: int, *, cross_check: bool = True) -> Resolution:
-        """GPA -> memslot -> HVA -> file/offset, with the reason an access would fail."""
-        r = self.find_region(gpa)
+    def resolve(self, gpa: int, *, cross_check: bool = True,
+                region: Region | None = None) -> Resolution:
+        """GPA -> memslot -> HVA -> file/offset, with the reason an access would fail.
+        `region`: the region holding gpa, when the caller has already looked it up."""
+        r = region if region is not None else self.find_region(gpa)
         if r is None:
             return Resolution(gpa, None, None, None, None, None, "unmapped")
         hva = r.hva + (gpa - r.gpa)

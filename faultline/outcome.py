@@ -185,35 +185,36 @@ class EventLog:
 
     def emit(self, kind: str, *, vcpu: int | None = None, task: str | None = None,
              **fields: Any) -> dict[str, Any]:
-        return self._emit(kind, vcpu, task, fields, None)
+        with self._lock:
+            ev = self._stamp(kind, vcpu, task, fields)
+            if self._writer is not None:
+                self._q.put(ev)
+            return ev
 
     def emit_later(self, kind: str, fill: Callable[[], dict[str, Any]], *,
                    vcpu: int | None = None, task: str | None = None) -> dict[str, Any]:
         """An event stamped now whose fields ``fill()`` supplies later, before the events
         emitted after it are written. A ``fill`` that raises leaves ``fill_error``."""
-        return self._emit(kind, vcpu, task, {}, fill)
-
-    def _emit(self, kind: str, vcpu: int | None, task: str | None, fields: dict[str, Any],
-              fill: Callable[[], dict[str, Any]] | None) -> dict[str, Any]:
         with self._lock:
-            ev: dict[str, Any] = {"seq": len(self.events)}
-            if self._clock == "us":
-                ev["t_us"] = (time.monotonic_ns() - self._t0) // 1000
+            ev = self._stamp(kind, vcpu, task, {})
+            if self._writer is not None:
+                self._q.put((ev, fill))
             else:
-                ev["step"] = self.step
-            ev["vcpu"] = vcpu
-            ev["task"] = task
-            ev["kind"] = kind
-            ev.update(fields)
-            self.events.append(ev)
-            if fill is not None:
-                if self._writer is not None:
-                    self._q.put((ev, fill))
-                else:
-                    self._later.append((ev, fill))
-            elif self._writer is not None:
-                self._q.put(ev)
+                self._later.append((ev, fill))
             return ev
+
+    def _stamp(self, kind: str, vcpu: int | None, task: str | None,
+               fields: dict[str, Any]) -> dict[str, Any]:
+        """The event, numbered and timed, appended (caller holds the lock). One dict display
+        in the written key order: emit is on the fault path."""
+        events = self.events
+        ev: dict[str, Any] = {
+            "seq": len(events), "t_us": (time.monotonic_ns() - self._t0) // 1000,
+            "vcpu": vcpu, "task": task, "kind": kind, **fields} if self._clock == "us" \
+            else {"seq": len(events), "step": self.step, "vcpu": vcpu, "task": task,
+                  "kind": kind, **fields}
+        events.append(ev)
+        return ev
 
     @staticmethod
     def _fill(ev: dict[str, Any], fill: Callable[[], dict[str, Any]]) -> None:
@@ -222,21 +223,38 @@ class EventLog:
         except Exception as e:  # the log must survive a failed diagnostic
             ev["fill_error"] = f"{type(e).__name__}: {e}"
 
+    # The writer polls instead of blocking on the queue: a put() that wakes it costs the
+    # emitting thread a futex syscall, and the woken writer takes the GIL from that thread
+    # at its next ioctl. The emitter is usually a vCPU thread handling an exit (a fault:
+    # four events), which would be delayed by tens of microseconds. Asleep, the writer
+    # holds no GIL; when it wakes, the vCPU is most likely back in KVM_RUN.
+    POLL_S = 0.002
+
     def _write_loop(self) -> None:
         fh = self._fh
         assert fh is not None
-        get, dumps, stop, fill = self._q.get, json.dumps, self._STOP, self._fill
-        while (item := get()) is not stop:
-            t = type(item)
-            if t is tuple:  # emit_later: fields first
-                ev = item[0]
-                fill(ev, item[1])
-            elif t is threading.Event:  # a flush() marker
-                item.set()
-                continue
-            else:
-                ev = item
-            fh.write(dumps(ev, default=_jsonable) + "\n")
+        get_nowait, empty = self._q.get_nowait, queue.Empty
+        dumps, stop, fill, sleep, poll = json.dumps, self._STOP, self._fill, time.sleep, \
+            self.POLL_S
+        while True:
+            sleep(poll)
+            while True:
+                try:
+                    item = get_nowait()
+                except empty:
+                    break
+                if item is stop:
+                    return
+                t = type(item)
+                if t is tuple:  # emit_later: fields first
+                    ev = item[0]
+                    fill(ev, item[1])
+                elif t is threading.Event:  # a flush() marker
+                    item.set()
+                    continue
+                else:
+                    ev = item
+                fh.write(dumps(ev, default=_jsonable) + "\n")
 
     def flush(self) -> None:
         """Wait until every event emitted so far has its fields (and is written)."""

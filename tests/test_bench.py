@@ -43,6 +43,10 @@ def test_fault_tiny() -> None:
     _positive(r)
     # Both sides saw the fault arrive the same way on this host.
     assert r.extra["exit_faultline"] == r.extra["exit_baseline"]
+    # The VMM's share (fault exit -> KVM_X86_SET_MCE) is part of the whole, on both sides.
+    assert 0 < r.extra["faultline_vmm_us"] < r.extra["faultline_us"]
+    assert 0 < r.extra["baseline_vmm_us"] < r.extra["baseline_us"]
+    assert set(r.extra["warmup_us"]) == {"faultline", "baseline"}
 
 
 @pytest.mark.kvm

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from faultline import abi
-from faultline.kvm import uapi
+from faultline.kvm import exits, uapi
 from faultline.memory import GuestMemory
 from faultline.scenario import Scenario, file_contents
 from faultline.vmm import policy as pol
@@ -207,6 +207,9 @@ def prepare_image(sc: Scenario, out: Path, *, bench_exits: int = 0,
 
 
 # --- faultline side --------------------------------------------------------------------------
+_FAULT_EXITS = (exits.MemoryFault, exits.BareEfault, exits.InternalError)
+
+
 class MarkedRun(KvmRun):
     """The real KvmRun, its vCPU loop untouched; timestamps are taken where the loop calls
     out to a handler (a report, a fault exit, a notification, an injection), never per exit.
@@ -214,14 +217,15 @@ class MarkedRun(KvmRun):
     ``marks``: (report kind, ns at arrival, ns after handling), in order."""
 
     def __init__(self, sc: Scenario, policy: str, *, bench_exits: int = 0,
-                 **kw: Any) -> None:
+                 events_path: str | Path | None = None, **kw: Any) -> None:
         kw.setdefault("watchdog_s", 60.0)
-        super().__init__(sc, policy, events_path=None, **kw)
+        super().__init__(sc, policy, events_path=events_path, **kw)
         self.bench_exits = bench_exits
         self.marks: list[tuple[int, int, int]] = []
         self.t_fault: int | None = None
         self.t_notified: int | None = None
         self.t_irq: int | None = None
+        self.t_mce: int | None = None
 
     def _setup(self) -> None:
         super()._setup()
@@ -246,10 +250,7 @@ class MarkedRun(KvmRun):
         super()._on_mmio(v, ex)
 
     def _on_other(self, v: Any, ex: Any) -> bool:
-        from faultline.kvm import exits
-
-        if self.t_fault is None and isinstance(
-                ex, (exits.MemoryFault, exits.BareEfault, exits.InternalError)):
+        if self.t_fault is None and isinstance(ex, _FAULT_EXITS):
             self.t_fault = time.perf_counter_ns()
         return super()._on_other(v, ex)
 
@@ -259,10 +260,12 @@ class MarkedRun(KvmRun):
             self.t_notified = time.perf_counter_ns()
 
     def _inject(self, v: Any, kvm_run: Any) -> None:
-        had_irq = v.pending_irq
+        had_irq, had_mce = v.pending_irq, v.mce_injected
         super()._inject(v, kvm_run)
         if had_irq and not v.pending_irq and self.t_irq is None:
             self.t_irq = time.perf_counter_ns()
+        if not had_mce and v.mce_injected and self.t_mce is None:
+            self.t_mce = time.perf_counter_ns()  # KVM_X86_SET_MCE done
 
     def run_checked(self) -> Any:
         outcome = self.run()

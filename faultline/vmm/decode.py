@@ -87,14 +87,17 @@ def accesses(code: bytes, rip: int, regs: Mapping[str, int] | Any) -> list[Acces
     ops = _operands(code if type(code) is bytes else bytes(code))
     if not ops:
         return out
-    # a kvm_regs (ctypes fields), or a mapping of register names
-    get = (lambda n, d=0: getattr(regs, n, d)) if isinstance(regs, ctypes.Structure) \
-        else regs.get
+    # a kvm_regs (ctypes fields: the builtin getattr), or a mapping of register names
+    get = getattr if isinstance(regs, ctypes.Structure) else _mapping_get
     for op in ops:
         ea = op.disp + (rip if op.rip_rel else 0)
-        if op.base is not None:
-            ea += get(op.base[0], 0) & op.base[1]
-        if op.index is not None:
-            ea += (get(op.index[0], 0) & op.index[1]) * op.scale
+        if (base := op.base) is not None:
+            ea += get(regs, base[0], 0) & base[1]
+        if (index := op.index) is not None:
+            ea += (get(regs, index[0], 0) & index[1]) * op.scale
         out.append(Access(ea & 0xFFFF_FFFF_FFFF_FFFF, op.size, op.kind))
     return out
+
+
+def _mapping_get(regs: Mapping[str, int], name: str, default: int) -> int:
+    return regs.get(name, default)

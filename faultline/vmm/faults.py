@@ -124,13 +124,14 @@ class Detector:
         cannot continue."""
         if self.locate is not None:
             accesses = self.locate(vcpu)
+            ram_end = self.ram_end
             for gpa, size, kind in accesses:
-                if gpa is None:
+                if gpa is None or gpa < ram_end:  # RAM is [0, ram_end): never a window
                     continue
                 region = self.memory.find_region(gpa)
                 if region is None or region.kind != "file":
                     continue
-                res = self.memory.resolve(gpa, cross_check=False)
+                res = self.memory.resolve(gpa, cross_check=False, region=region)
                 if poisoned or res.cause in ("beyond-eof", "hole") or (
                         kind == "write" and region.readonly):
                     return MemoryFault(gpa, size, kind, "bare-efault", vcpu, poisoned, False,

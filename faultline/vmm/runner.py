@@ -41,6 +41,7 @@ from faultline.vmm.faults import (
 from faultline.vmm.uffd import SigbusOnMissing, UffdUnavailable, on_tmpfs
 
 KICK_SIGNAL = signal.SIGUSR1
+_FAULT_EXITS = frozenset({exits.MemoryFault, exits.BareEfault, exits.InternalError})
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 MMIO_FILL = b"\xde\xad\xfa\x17" * 2  # what a caught load "reads"; the task dies before use
@@ -232,9 +233,9 @@ class KvmRun:
 
     def _locate(self, vcpu: int) -> list[tuple[int | None, int, str]]:
         """GPAs the instruction at RIP touches (fetch first), for a bare -EFAULT; None where
-        the guest's page tables no longer translate the address. One KVM_GET_REGS and one
-        KVM_GET_SREGS, then the page tables are walked in RAM (mmu.py); KVM_TRANSLATE only
-        where that walk does not apply."""
+        the guest's page tables no longer translate the address. The GPRs come from
+        kvm_run (KVM_CAP_SYNC_REGS) and one KVM_GET_SREGS gives CR3, then the page tables
+        are walked in RAM (mmu.py); KVM_TRANSLATE only where that walk does not apply."""
         state = self.vcpus[vcpu]
         v = state.vcpu
         regs = v.synced_regs() if state.synced_regs else v.get_regs()
@@ -242,11 +243,12 @@ class KvmRun:
         ram = self.ram_view
         levels = mmu.levels(sregs.cr0, sregs.cr4, sregs.efer) if ram is not None else 0
         cr3 = sregs.cr3
+        walk, unhandled = mmu.walk, mmu.UNHANDLED
 
         def translate(gva: int) -> int | None:
             if levels:
-                gpa = mmu.walk(ram, cr3, gva, levels)  # type: ignore[arg-type]
-                if gpa != mmu.UNHANDLED:
+                gpa = walk(ram, cr3, gva, levels)  # type: ignore[arg-type]
+                if gpa != unhandled:
                     return gpa
             return self._translate(vcpu, gva)
 
@@ -255,17 +257,18 @@ class KvmRun:
         if rip_gpa is None:
             return []
         out: list[tuple[int | None, int, str]] = [(rip_gpa, 1, "exec")]
-        code = b""
         # Never read the code through a window mapping that may be gone: pread/RAM only.
-        with contextlib.suppress(GuestMemoryError, OSError):
-            n = min(15, abi.PAGE_SIZE - (rip_gpa & (abi.PAGE_SIZE - 1)))
-            code = bytes(ram[rip_gpa:rip_gpa + n]) if ram is not None and \
-                rip_gpa + n <= len(ram) else self.memory.read(rip_gpa, n)
-            nxt = translate(rip + n) if n < 15 else None
-            if nxt is not None:
-                code += self.memory.read(nxt, 15 - n)
-        if not code:
+        n = min(15, abi.PAGE_SIZE - (rip_gpa & (abi.PAGE_SIZE - 1)))
+        try:
+            if ram is not None and rip_gpa + n <= len(ram):
+                code = bytes(ram[rip_gpa:rip_gpa + n])
+            else:
+                code = self.memory.read(rip_gpa, n)
+        except (GuestMemoryError, OSError):
             return out
+        if n < 15 and (nxt := translate(rip + n)) is not None:
+            with contextlib.suppress(GuestMemoryError, OSError):  # decode what there is
+                code += self.memory.read(nxt, 15 - n)
         for acc in decode.accesses(code, rip, regs)[1:]:
             out.append((translate(acc.gva), acc.size, acc.kind))
         return out
@@ -478,7 +481,8 @@ class KvmRun:
 
     def _on_other(self, v: VcpuState, ex: exits.Exit) -> bool:
         assert self.detector is not None
-        kind = type(ex).__name__
+        if type(ex) in _FAULT_EXITS:  # first: the fault path pays no isinstance chain
+            return self._on_fault_exit(v, ex)
         if isinstance(ex, exits.Intr):
             self.outcome.count_exit("intr")
             v.vcpu.immediate_exit = False
@@ -490,31 +494,10 @@ class KvmRun:
             self.outcome.count_exit("io")
             v.vcpu.complete_io_in(ex, b"\xff" * (ex.size * ex.count))
             return True
-        if isinstance(ex, (exits.MemoryFault, exits.BareEfault, exits.InternalError)):
-            rip = None
-            if isinstance(ex, exits.InternalError):
-                with contextlib.suppress(KvmError):
-                    rip = v.vcpu.get_regs().rip
-            try:
-                fault = self.detector.from_exit(v.index, ex, rip)
-            except GuestUnmapped as e:
-                # Bounded: a guest that keeps faulting on what it does not map is stuck.
-                v.unmapped_retries += 1
-                self.outcome.count_exit("efault_retry")
-                self.log.emit("vmm_retry", vcpu=v.index, reason=str(e),
-                              retries=v.unmapped_retries)
-                if v.unmapped_retries > 8:
-                    self._stop("aborted", f"{e}, {v.unmapped_retries} times in a row")
-                    return False
-                return True
-            except Unrecoverable as e:
-                self.outcome.count_exit("memory_fault")
-                self.log.emit("kvm_exit", vcpu=v.index, exit=kind, detail=repr(ex))
-                self._stop("aborted", str(e))
-                return False
-            if fault is not None:
-                self._on_fault(v, fault)
-                return not self.stopping
+        return self._unhandled(v, ex)
+
+    def _unhandled(self, v: VcpuState, ex: exits.Exit) -> bool:
+        kind = type(ex).__name__
         self.outcome.count_exit(kind.lower())
         self.log.emit("kvm_exit", vcpu=v.index, exit=kind, detail=repr(ex))
         if isinstance(ex, exits.Shutdown):
@@ -522,6 +505,36 @@ class KvmRun:
         else:
             self._stop("aborted", f"vCPU {v.index}: unhandled exit {ex!r}")
         return False
+
+    def _on_fault_exit(self, v: VcpuState, ex: exits.Exit) -> bool:
+        """KVM_EXIT_MEMORY_FAULT, a bare -EFAULT, or an internal error (a fetch KVM could
+        not emulate): a memory fault if the detector can place it."""
+        assert self.detector is not None
+        rip = None
+        if type(ex) is exits.InternalError:
+            with contextlib.suppress(KvmError):
+                rip = v.vcpu.get_regs().rip
+        try:
+            fault = self.detector.from_exit(v.index, ex, rip)
+        except GuestUnmapped as e:
+            # Bounded: a guest that keeps faulting on what it does not map is stuck.
+            v.unmapped_retries += 1
+            self.outcome.count_exit("efault_retry")
+            self.log.emit("vmm_retry", vcpu=v.index, reason=str(e),
+                          retries=v.unmapped_retries)
+            if v.unmapped_retries > 8:
+                self._stop("aborted", f"{e}, {v.unmapped_retries} times in a row")
+                return False
+            return True
+        except Unrecoverable as e:
+            self.outcome.count_exit("memory_fault")
+            self.log.emit("kvm_exit", vcpu=v.index, exit=type(ex).__name__, detail=repr(ex))
+            self._stop("aborted", str(e))
+            return False
+        if fault is None:
+            return self._unhandled(v, ex)
+        self._on_fault(v, fault)
+        return not self.stopping
 
     # --- faults -------------------------------------------------------------------------------
     def _on_fault(self, v: VcpuState, fault: MemoryFault) -> None:
