@@ -29,6 +29,7 @@ EINTR = _errno.EINTR
 _U = uapi.KVM_RUN_EXIT_UNION_OFFSET
 _REASON = struct.Struct("<I")
 _IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
+_HEAD = struct.Struct("<I20x" + _IO.format[1:])  # exit_reason at 8, then the io header at _U
 _MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
 _MEMORY_FAULT = struct.Struct("<QQQ")  # flags, gpa, size
 _FAIL_ENTRY = struct.Struct("<QI")
@@ -39,7 +40,7 @@ _HYPERCALL = struct.Struct("<Q6QQI")
 _EX = struct.Struct("<II")
 _HW = struct.Struct("<Q")
 
-assert uapi.KVM_RUN_EXIT_REASON_OFFSET == 8
+assert uapi.KVM_RUN_EXIT_REASON_OFFSET == 8 and _U == 8 + 4 + 20
 assert uapi.kvm_run_io.data_offset.offset == 8
 assert uapi.kvm_run_mmio.len.offset == 16 and uapi.kvm_run_mmio.is_write.offset == 20
 assert uapi.kvm_run_internal.data.offset == 8
@@ -254,12 +255,14 @@ _KVM_EXIT_MEMORY_FAULT = uapi.KVM_EXIT_MEMORY_FAULT
 
 
 def decode_ok(run: Any) -> Exit:
-    """Decode kvm_run after KVM_RUN returned 0 (exit_reason valid).  Hot path."""
-    reason = _REASON.unpack_from(run, 8)[0]
+    """Decode kvm_run after KVM_RUN returned 0 (exit_reason valid).  Hot path: the reason
+    and the io header come in one unpack (port I/O is the common exit)."""
+    reason, direction, size, port, count, data_offset = _HEAD.unpack_from(run, 8)
     if reason == _KVM_EXIT_IO:
-        direction, size, port, count, data_offset = _IO.unpack_from(run, _U)
         if direction:
-            data = bytes(run[data_offset : data_offset + size * count])
+            data = run[data_offset : data_offset + size * count]  # bytes from an mmap
+            if type(data) is not bytes:  # a memoryview or bytearray given to decode_exit
+                data = bytes(data)
             return _new(IoOut, (port, size, count, data_offset, data))
         return _new(IoIn, (port, size, count, data_offset))
     if reason == _KVM_EXIT_MMIO:

@@ -406,40 +406,43 @@ class KvmRun:
         vcpu = v.vcpu
         run = vcpu.run
         kvm_run = vcpu.kvm_run
-        exits_count = self.outcome.exits
         io_out, mmio_t, hlt_t = exits.IoOut, exits.Mmio, exits.Hlt
         report_port, serial_port = abi.REPORT_PORT, abi.SERIAL_PORT
         serial = bytearray()
-        while not self.stopping:
-            if self.pause_req:
-                self._park(v)
-                continue
-            if v.pending_mce or v.pending_irq:
-                self._inject(v, kvm_run)
-            ex = run()
-            t = type(ex)
-            if t is io_out:
-                port = ex[0]
-                if port == report_port:
-                    exits_count["io"] = exits_count.get("io", 0) + 1
-                    self._on_report(v, int.from_bytes(ex[4], "little"))
-                elif port == serial_port:
-                    exits_count["io"] = exits_count.get("io", 0) + 1
-                    serial += ex[4]
-                    if serial.endswith(b"\n") or len(serial) > 200:
-                        self.log.emit("serial", vcpu=v.index,
-                                      text=serial.decode("ascii", "replace").rstrip("\n"))
-                        serial.clear()
-                else:
-                    exits_count["io"] = exits_count.get("io", 0) + 1
-            elif t is hlt_t:
-                if not self._on_hlt(v):
+        # Port I/O exits are counted in a local, added to the outcome when the loop ends:
+        # a dict update per exit is ~1% of an exit's cost.
+        n_io = 0
+        try:
+            while not self.stopping:
+                if self.pause_req:
+                    self._park(v)
+                    continue
+                if v.pending_mce or v.pending_irq:
+                    self._inject(v, kvm_run)
+                ex = run()
+                t = type(ex)
+                if t is io_out:
+                    n_io += 1
+                    port = ex[0]
+                    if port == report_port:
+                        self._on_report(v, int.from_bytes(ex[4], "little"))
+                    elif port == serial_port:
+                        serial += ex[4]
+                        if serial.endswith(b"\n") or len(serial) > 200:
+                            self.log.emit("serial", vcpu=v.index,
+                                          text=serial.decode("ascii", "replace").rstrip("\n"))
+                            serial.clear()
+                elif t is hlt_t:
+                    if not self._on_hlt(v):
+                        return
+                elif t is mmio_t:
+                    self._on_mmio(v, ex)
+                elif not self._on_other(v, ex):
                     return
-            elif t is mmio_t:
-                self._on_mmio(v, ex)
-            else:
-                if not self._on_other(v, ex):
-                    return
+        finally:
+            if n_io:
+                with self.lock:
+                    self.outcome.count_exit("io", n_io)
 
     def _on_hlt(self, v: VcpuState) -> bool:
         """An idle vCPU parks here until the VM is done or something is queued for it."""
