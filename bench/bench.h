@@ -48,6 +48,7 @@ static uint8_t *ram;
 static uint64_t ram_bytes, mcg_cap;
 static uint64_t mce_status, mce_misc, mce_mcg_status, mce_bank;
 static int use_uffd;
+static int synced_regs; /* kvm_run->s.regs.regs is valid after each exit */
 static struct region regions[MAX_REGIONS]; /* sorted by gpa (Python writes them so) */
 static int nr_regions;
 
@@ -197,6 +198,12 @@ static void setup(const char *dir)
         die("KVM_SET_REGS");
     if (mcg_cap && ioctl(vcpu_fd, KVM_X86_SETUP_MCE, &mcg_cap) < 0)
         die("KVM_X86_SETUP_MCE");
+    /* As faultline's VMM: KVM stores the GPRs into kvm_run at every exit. */
+    int sync = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS);
+    if (sync > 0 && (sync & KVM_SYNC_X86_REGS)) {
+        run->kvm_valid_regs = KVM_SYNC_X86_REGS;
+        synced_regs = 1;
+    }
     free(cpuid);
     free(sregs);
     free(regs);

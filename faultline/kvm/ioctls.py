@@ -306,8 +306,9 @@ class Vcpu(_Fd):
     def set_regs(self, regs: uapi.kvm_regs) -> None:
         _call("KVM_SET_REGS", self._fd, uapi.KVM_SET_REGS, regs)
 
-    def get_sregs(self) -> uapi.kvm_sregs:
-        sregs = uapi.kvm_sregs()
+    def get_sregs(self, into: uapi.kvm_sregs | None = None) -> uapi.kvm_sregs:
+        """`into`: a kvm_sregs to fill and return (no allocation, for the fault path)."""
+        sregs = uapi.kvm_sregs() if into is None else into
         _call("KVM_GET_SREGS", self._fd, uapi.KVM_GET_SREGS, sregs)
         return sregs
 

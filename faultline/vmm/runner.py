@@ -97,6 +97,7 @@ class VcpuState:
     unmapped_retries: int = 0  # consecutive bare EFAULTs on addresses the guest unmapped
     waiting: bool = False  # idle and parked in userspace
     synced_regs: bool = False  # KVM stores the GPRs into kvm_run at every exit
+    sregs: uapi.kvm_sregs = field(default_factory=uapi.kvm_sregs)  # reused by _locate
 
 
 class KvmRun:
@@ -239,7 +240,7 @@ class KvmRun:
         state = self.vcpus[vcpu]
         v = state.vcpu
         regs = v.synced_regs() if state.synced_regs else v.get_regs()
-        sregs = v.get_sregs()
+        sregs = v.get_sregs(state.sregs)
         ram = self.ram_view
         levels = mmu.levels(sregs.cr0, sregs.cr4, sregs.efer) if ram is not None else 0
         cr3 = sregs.cr3
