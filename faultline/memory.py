@@ -84,10 +84,6 @@ class GuestAddress(int):
         return int(self) - base
 
 
-def _page_align_down(x: int) -> int:
-    return x & ~(PAGE_SIZE - 1)
-
-
 def _page_align_up(x: int) -> int:
     return (x + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
@@ -111,6 +107,7 @@ class Region:
         "file_offset",
         "gpa",
         "hva",
+        "inode",
         "kind",
         "name",
         "path",
@@ -144,6 +141,7 @@ class Region:
         self._direct = direct
         self._closed = False
         self._maps: MapsEntry | None = None
+        self.inode: int | None = os.fstat(fd).st_ino if fd >= 0 else None
         prot = mmap.PROT_READ | (0 if readonly else mmap.PROT_WRITE)
         if kind == "anon":
             flags = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
@@ -481,15 +479,19 @@ class GuestMemory:
         r = region if region is not None else self.find_region(gpa)
         if r is None:
             return Resolution(gpa, None, None, None, None, None, "unmapped")
-        hva = r.hva + (gpa - r.gpa)
-        mapping = r.maps_entry(hva) if cross_check else None
+        mapping = r.maps_entry(r.hva + (gpa - r.gpa)) if cross_check else None
         if r.kind == "anon":
-            return Resolution(gpa, hva, r.name, None, None, None, "ok", None, mapping)
-        foff = r.file_offset + (gpa - r.gpa)
-        st = os.fstat(r.fd)
-        page = _page_align_down(foff)
+            return Resolution(gpa, r.hva + (gpa - r.gpa), r.name, None, None, None, "ok", None,
+                              mapping)
+        delta = gpa - r.gpa
+        foff = r.file_offset + delta
+        # The size by lseek(SEEK_END), not fstat: no stat_result to build (with float
+        # times) on the fault path; the inode of an open fd never changes (kept at open).
+        # The fd's offset is free to move: region data goes through pread/pwrite only.
+        size = os.lseek(r.fd, 0, os.SEEK_END)
+        page = foff & ~(PAGE_SIZE - 1)
         cause: Cause = "ok"
-        if page >= st.st_size:
+        if page >= size:
             cause = "beyond-eof"
         else:
             try:
@@ -497,10 +499,11 @@ class GuestMemory:
             except OSError as e:
                 if e.errno != _errno.ENXIO:  # ENXIO: no data at or after `page`
                     raise
-                data = st.st_size
-            if data >= page + PAGE_SIZE or data >= st.st_size:
+                data = size
+            if data >= page + PAGE_SIZE or data >= size:
                 cause = "hole"
-        return Resolution(gpa, hva, r.name, r.path, foff, st.st_size, cause, st.st_ino, mapping)
+        return Resolution(gpa, r.hva + delta, r.name, r.path, foff, size, cause, r.inode,
+                          mapping)
 
     # --- safe access ---------------------------------------------------------------------
     def _spans(self, gpa: int, n: int) -> Iterator[tuple[Region, int, int]]:

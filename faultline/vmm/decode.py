@@ -83,7 +83,7 @@ def accesses(code: bytes, rip: int, regs: Mapping[str, int] | Any) -> list[Acces
     """The memory accesses of the instruction at `rip` (its bytes in `code`), with their
     guest virtual addresses computed from `regs` (a kvm_regs, or a mapping of its field
     names), fetch first."""
-    out = [Access(rip, 1, "exec")]
+    out = [_new(Access, (rip, 1, "exec"))]  # tuple.__new__: no Python-level __new__ call
     ops = _operands(code if type(code) is bytes else bytes(code))
     if not ops:
         return out
@@ -95,8 +95,11 @@ def accesses(code: bytes, rip: int, regs: Mapping[str, int] | Any) -> list[Acces
             ea += get(regs, base[0], 0) & base[1]
         if (index := op.index) is not None:
             ea += (get(regs, index[0], 0) & index[1]) * op.scale
-        out.append(Access(ea & 0xFFFF_FFFF_FFFF_FFFF, op.size, op.kind))
+        out.append(_new(Access, (ea & 0xFFFF_FFFF_FFFF_FFFF, op.size, op.kind)))
     return out
+
+
+_new = tuple.__new__
 
 
 def _mapping_get(regs: Mapping[str, int], name: str, default: int) -> int:

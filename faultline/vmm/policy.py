@@ -218,8 +218,7 @@ def on_file_change(window_gpa: int, window_bytes: int, old_size: int, new_size: 
     return Notify(tuple(ranges)) if ranges else None
 
 
-def mce_encoding(gpa: int, action_required: bool) -> tuple[int, int, int, int]:
-    """(MCi_STATUS, MCi_ADDR, MCi_MISC, MCG_STATUS) as QEMU's kvm_mce_inject(); bank 9."""
+def _mce_fields(action_required: bool) -> tuple[int, int, int]:
     status = (MCI_STATUS_VAL | MCI_STATUS_UC | MCI_STATUS_EN | MCI_STATUS_MISCV
               | MCI_STATUS_ADDRV | MCI_STATUS_S)
     mcg_status = MCG_STATUS_MCIP | MCG_STATUS_RIPV
@@ -228,7 +227,17 @@ def mce_encoding(gpa: int, action_required: bool) -> tuple[int, int, int, int]:
         mcg_status |= MCG_STATUS_EIPV
     else:
         status |= MCACOD_SRAO_SCRUB
-    return status, gpa, MCI_MISC_VALUE, mcg_status
+    return status, MCI_MISC_VALUE, mcg_status
+
+
+# (MCi_STATUS, MCi_MISC, MCG_STATUS) by action_required: computed once, read per injection
+_MCE_FIELDS = {True: _mce_fields(True), False: _mce_fields(False)}
+
+
+def mce_encoding(gpa: int, action_required: bool) -> tuple[int, int, int, int]:
+    """(MCi_STATUS, MCi_ADDR, MCi_MISC, MCG_STATUS) as QEMU's kvm_mce_inject(); bank 9."""
+    status, misc, mcg_status = _MCE_FIELDS[bool(action_required)]
+    return status, gpa, misc, mcg_status
 
 
 def pick_bare_efault_gpa(bad_gpas: list[int] | tuple[int, ...],

@@ -13,6 +13,7 @@ import functools
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import threading
@@ -46,6 +47,10 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 MMIO_FILL = b"\xde\xad\xfa\x17" * 2  # what a caught load "reads"; the task dies before use
 _OFF_REQ_IRQ_WINDOW = uapi.kvm_run.request_interrupt_window.offset
+# kvm_sregs' cr0, cr2, cr3, cr4, cr8, efer: consecutive u64s, read in one unpack
+_OFF_CR0 = uapi.kvm_sregs.cr0.offset
+_SREGS_CRS = struct.Struct("<6Q")
+assert uapi.kvm_sregs.efer.offset == _OFF_CR0 + 5 * 8
 _OFF_READY_FOR_IRQ = uapi.kvm_run.ready_for_interrupt_injection.offset
 _OFF_IF_FLAG = uapi.kvm_run.if_flag.offset
 _REPORT = abi.REPORT_STRUCT
@@ -240,10 +245,9 @@ class KvmRun:
         state = self.vcpus[vcpu]
         v = state.vcpu
         regs = v.synced_regs() if state.synced_regs else v.get_regs()
-        sregs = v.get_sregs(state.sregs)
+        cr0, _, cr3, cr4, _, efer = _SREGS_CRS.unpack_from(v.get_sregs(state.sregs), _OFF_CR0)
         ram = self.ram_view
-        levels = mmu.levels(sregs.cr0, sregs.cr4, sregs.efer) if ram is not None else 0
-        cr3 = sregs.cr3
+        levels = mmu.levels(cr0, cr4, efer) if ram is not None else 0
         walk, unhandled = mmu.walk, mmu.UNHANDLED
 
         def translate(gva: int) -> int | None:
