@@ -219,6 +219,14 @@ class MarkedRun(KvmRun):
     def __init__(self, sc: Scenario, policy: str, *, bench_exits: int = 0,
                  events_path: str | Path | None = None, **kw: Any) -> None:
         kw.setdefault("watchdog_s", 60.0)
+        # Always with an event log written, as `faultline run` does (its writer thread
+        # shares the GIL); a temporary one unless a path is given.
+        self._tmp_log: str | None = None
+        if events_path is None:
+            fd, self._tmp_log = tempfile.mkstemp(prefix="faultline-bench-", suffix=".jsonl",
+                                                 dir=shm_dir())
+            os.close(fd)
+            events_path = self._tmp_log
         super().__init__(sc, policy, events_path=events_path, **kw)
         self.bench_exits = bench_exits
         self.marks: list[tuple[int, int, int]] = []
@@ -266,6 +274,14 @@ class MarkedRun(KvmRun):
             self.t_irq = time.perf_counter_ns()
         if not had_mce and v.mce_injected and self.t_mce is None:
             self.t_mce = time.perf_counter_ns()  # KVM_X86_SET_MCE done
+
+    def _teardown(self) -> None:
+        try:
+            super()._teardown()
+        finally:
+            if self._tmp_log is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._tmp_log)
 
     def run_checked(self) -> Any:
         outcome = self.run()
