@@ -41,6 +41,8 @@ _libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _libc_ioctl.restype = ctypes.c_int
 _U64 = struct.Struct("<Q")
 _KVM_RUN = uapi.KVM_RUN
+_KVM_GET_SREGS = uapi.KVM_GET_SREGS
+_KVM_X86_SET_MCE = uapi.KVM_X86_SET_MCE
 
 
 class KvmError(OSError):
@@ -309,7 +311,10 @@ class Vcpu(_Fd):
     def get_sregs(self, into: uapi.kvm_sregs | None = None) -> uapi.kvm_sregs:
         """`into`: a kvm_sregs to fill and return (no allocation, for the fault path)."""
         sregs = uapi.kvm_sregs() if into is None else into
-        _call("KVM_GET_SREGS", self._fd, uapi.KVM_GET_SREGS, sregs)
+        try:  # _call inlined: on the fault path (a bare -EFAULT's decode)
+            _ioctl(self._fd, _KVM_GET_SREGS, sregs, True)
+        except (OSError, ValueError) as e:
+            raise KvmError("KVM_GET_SREGS", getattr(e, "errno", None) or _errno.EBADF) from None
         return sregs
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
@@ -346,7 +351,11 @@ class Vcpu(_Fd):
 
     def set_mce(self, mce: uapi.kvm_x86_mce) -> None:
         """KVM_X86_SET_MCE: EINVAL without MCi_STATUS.VAL or with a bad bank."""
-        _call("KVM_X86_SET_MCE", self._fd, uapi.KVM_X86_SET_MCE, mce)
+        try:  # _call inlined: on the fault path
+            _ioctl(self._fd, _KVM_X86_SET_MCE, mce, True)
+        except (OSError, ValueError) as e:
+            raise KvmError("KVM_X86_SET_MCE",
+                           getattr(e, "errno", None) or _errno.EBADF) from None
 
     def interrupt(self, vector: int) -> None:
         """KVM_INTERRUPT (userspace irqchip only)."""

@@ -12,7 +12,9 @@ legacy 32-bit, PAE without long mode) and tables outside RAM make it return
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections.abc import Callable
 from typing import Final
 
 CR0_PG: Final = 1 << 31
@@ -32,6 +34,19 @@ def levels(cr0: int, cr4: int, efer: int) -> int:
     if not cr0 & CR0_PG or not cr4 & CR4_PAE or not efer & EFER_LMA:
         return 0
     return 5 if cr4 & CR4_LA57 else 4
+
+
+Walker = Callable[[memoryview | bytes | bytearray, int, int], int | None]
+
+
+def walker(nlevels: int) -> Walker | None:
+    """The walk for this many levels as a (ram, cr3, gva) function (None for 0: no paging
+    this module handles): one call per translation on the fault path."""
+    if nlevels == 4:
+        return _walk4
+    if nlevels:
+        return functools.partial(walk_loop, nlevels=nlevels)
+    return None
 
 
 def walk(ram: memoryview | bytes | bytearray, cr3: int, gva: int, nlevels: int) -> int | None:

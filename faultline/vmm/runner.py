@@ -247,14 +247,12 @@ class KvmRun:
         regs = v.synced_regs() if state.synced_regs else v.get_regs()
         cr0, _, cr3, cr4, _, efer = _SREGS_CRS.unpack_from(v.get_sregs(state.sregs), _OFF_CR0)
         ram = self.ram_view
-        levels = mmu.levels(cr0, cr4, efer) if ram is not None else 0
-        walk, unhandled = mmu.walk, mmu.UNHANDLED
+        walk = mmu.walker(mmu.levels(cr0, cr4, efer)) if ram is not None else None
+        unhandled = mmu.UNHANDLED
 
         def translate(gva: int) -> int | None:
-            if levels:
-                gpa = walk(ram, cr3, gva, levels)  # type: ignore[arg-type]
-                if gpa != unhandled:
-                    return gpa
+            if walk is not None and (gpa := walk(ram, cr3, gva)) != unhandled:  # type: ignore[arg-type]
+                return gpa
             return self._translate(vcpu, gva)
 
         rip = regs.rip
