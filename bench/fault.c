@@ -154,9 +154,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "bench: no task start / #MC report seen\n");
         return 3;
     }
-    printf("{\"fault_to_mce_ns\": %llu, \"to_fault_ns\": %llu, \"vmm_ns\": %llu, "
+    printf("{\"fault_to_mce_ns\": %llu, \"exit_to_mce_ns\": %llu, \"vmm_ns\": %llu, "
            "\"source\": \"%s\", \"faults\": %llu}\n", (unsigned long long)(t1 - t0),
-           (unsigned long long)(t_fault - t0), (unsigned long long)(t_mce - t_fault), source,
+           (unsigned long long)(t1 - t_fault), (unsigned long long)(t_mce - t_fault), source,
            (unsigned long long)faults);
     return 0;
 }
