@@ -387,6 +387,9 @@ class Resolution(NamedTuple):
         return problems
 
 
+_tuple_new = tuple.__new__
+
+
 class GuestMemory:
     """The set of regions of one VM, sorted by gpa (and by hva for reverse lookups)."""
 
@@ -502,8 +505,9 @@ class GuestMemory:
                 data = size
             if data >= page + PAGE_SIZE or data >= size:
                 cause = "hole"
-        return Resolution(gpa, r.hva + delta, r.name, r.path, foff, size, cause, r.inode,
-                          mapping)
+        # tuple.__new__: every field given, and no NamedTuple __new__ frame (fault path)
+        return _tuple_new(Resolution, (gpa, r.hva + delta, r.name, r.path, foff, size, cause,
+                                       r.inode, mapping))
 
     # --- safe access ---------------------------------------------------------------------
     def _spans(self, gpa: int, n: int) -> Iterator[tuple[Region, int, int]]:

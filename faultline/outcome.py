@@ -203,25 +203,19 @@ class EventLog:
         """An event stamped now whose fields ``fill()`` supplies later, before the events
         emitted after it are written. A ``fill`` that raises leaves ``fill_error``."""
         with self._lock:
-            ev = self._stamp(kind, vcpu, task, {})
+            events = self.events
+            # _stamp, inlined: on the fault path
+            ev: dict[str, Any] = {
+                "seq": len(events), "t_us": (time.monotonic_ns() - self._t0) // 1000,
+                "vcpu": vcpu, "task": task, "kind": kind} if self._clock == "us" \
+                else {"seq": len(events), "step": self.step, "vcpu": vcpu, "task": task,
+                      "kind": kind}
+            events.append(ev)
             if self._writer is not None:
                 self._q.put((ev, fill))
             else:
                 self._later.append((ev, fill))
             return ev
-
-    def _stamp(self, kind: str, vcpu: int | None, task: str | None,
-               fields: dict[str, Any]) -> dict[str, Any]:
-        """The event, numbered and timed, appended (caller holds the lock). One dict display
-        in the written key order: emit is on the fault path."""
-        events = self.events
-        ev: dict[str, Any] = {
-            "seq": len(events), "t_us": (time.monotonic_ns() - self._t0) // 1000,
-            "vcpu": vcpu, "task": task, "kind": kind, **fields} if self._clock == "us" \
-            else {"seq": len(events), "step": self.step, "vcpu": vcpu, "task": task,
-                  "kind": kind, **fields}
-        events.append(ev)
-        return ev
 
     @staticmethod
     def _fill(ev: dict[str, Any], fill: Callable[[], dict[str, Any]]) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from faultline import abi
-from faultline.kvm import exits, uapi
+from faultline.kvm import uapi
 from faultline.memory import GuestMemory
 from faultline.scenario import Scenario, file_contents
 from faultline.vmm import policy as pol
@@ -207,9 +207,6 @@ def prepare_image(sc: Scenario, out: Path, *, bench_exits: int = 0,
 
 
 # --- faultline side --------------------------------------------------------------------------
-_FAULT_EXITS = (exits.MemoryFault, exits.BareEfault, exits.InternalError)
-
-
 class MarkedRun(KvmRun):
     """The real KvmRun, its vCPU loop untouched; timestamps are taken where the loop calls
     out to a handler (a report, a fault exit, a notification, an injection), never per exit.
@@ -257,10 +254,10 @@ class MarkedRun(KvmRun):
             self.t_fault = time.perf_counter_ns()
         super()._on_mmio(v, ex)
 
-    def _on_other(self, v: Any, ex: Any) -> bool:
-        if self.t_fault is None and isinstance(ex, _FAULT_EXITS):
+    def _on_fault_exit(self, v: Any, ex: Any) -> bool:
+        if self.t_fault is None:
             self.t_fault = time.perf_counter_ns()
-        return super()._on_other(v, ex)
+        return super()._on_fault_exit(v, ex)
 
     def _notify(self, v: Any, d: Any, ar_gpa: int | None) -> None:
         super()._notify(v, d, ar_gpa)

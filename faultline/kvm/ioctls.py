@@ -297,7 +297,10 @@ class Vcpu(_Fd):
 
     def synced_regs(self) -> uapi.kvm_regs:
         """The GPRs KVM stored at the last exit (after sync_regs(KVM_SYNC_X86_REGS)); a copy."""
-        return uapi.kvm_regs.from_buffer_copy(self.kvm_run, uapi.KVM_RUN_SYNC_REGS_OFFSET)
+        run = self._run
+        if run is None:
+            raise KvmError("kvm_run", _errno.EBADF, "closed")
+        return uapi.kvm_regs.from_buffer_copy(run, uapi.KVM_RUN_SYNC_REGS_OFFSET)
 
     # --- cold ioctls -----------------------------------------------------------------------
     def get_regs(self) -> uapi.kvm_regs:

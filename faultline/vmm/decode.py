@@ -83,7 +83,13 @@ def accesses(code: bytes, rip: int, regs: Mapping[str, int] | Any) -> list[Acces
     """The memory accesses of the instruction at `rip` (its bytes in `code`), with their
     guest virtual addresses computed from `regs` (a kvm_regs, or a mapping of its field
     names), fetch first."""
-    out = [_new(Access, (rip, 1, "exec"))]  # tuple.__new__: no Python-level __new__ call
+    return [_new(Access, (rip, 1, "exec")), *operand_accesses(code, rip, regs)]
+
+
+def operand_accesses(code: bytes, rip: int, regs: Mapping[str, int] | Any) -> list[Access]:
+    """accesses() without the fetch: the memory operands only (what the fault path needs;
+    one call, no list to slice)."""
+    out: list[Access] = []
     ops = _operands(code if type(code) is bytes else bytes(code))
     if not ops:
         return out

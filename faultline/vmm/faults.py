@@ -17,6 +17,7 @@ The five ways in (DESIGN.md §3):
 from __future__ import annotations
 
 import errno as _errno
+import functools
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -43,6 +44,11 @@ class MemoryFault(NamedTuple):
     in_progress: bool = False  # the access completes on re-entry (MMIO): kill before use
     # the detector's resolution (no maps cross-check yet), when it needed one to decide
     resolution: Resolution | None = None
+
+
+# MemoryFault(...) without the NamedTuple's Python-level __new__ (all fields given): the
+# fault path builds one, and each Python frame there is a cold one.
+_new_fault = functools.partial(tuple.__new__, MemoryFault)
 
 
 class Unrecoverable(Exception):
@@ -99,7 +105,7 @@ class Detector:
             return MemoryFault(ex.gpa, ex.size, "unknown", "memory-fault-exit", vcpu,
                                poisoned=ex.errno == EHWPOISON)
         if isinstance(ex, exits.BareEfault):
-            return self._recover_bare(vcpu, ex.errno == EHWPOISON)
+            return self.bare_efault(vcpu, ex.errno == EHWPOISON)
         if isinstance(ex, exits.InternalError) and rip is not None:
             gpa = self.translate(vcpu, rip)
             if gpa is None or self.memory.find_region(gpa) is None or gpa < self.ram_end:
@@ -115,7 +121,7 @@ class Detector:
         return MemoryFault(int(gpa), PAGE_SIZE, "unknown", "sigbus", vcpu, poisoned=True,
                            in_progress=si_code == 5)
 
-    def _recover_bare(self, vcpu: int, poisoned: bool) -> MemoryFault:
+    def bare_efault(self, vcpu: int, poisoned: bool) -> MemoryFault:
         """A bare -EFAULT names no gpa. First decode the instruction at RIP and translate
         what it touches: a window page that cannot be backed (or a store to a read-only
         window) is the fault, exact to the byte. Failing that (no decodable access), the
@@ -134,8 +140,8 @@ class Detector:
                 res = self.memory.resolve(gpa, cross_check=False, region=region)
                 if poisoned or res.cause in ("beyond-eof", "hole") or (
                         kind == "write" and region.readonly):
-                    return MemoryFault(gpa, size, kind, "bare-efault", vcpu, poisoned, False,
-                                       res)
+                    return _new_fault((gpa, size, kind, "bare-efault", vcpu, poisoned, False,
+                                       res))
             if any(gpa is None for gpa, _, _ in accesses[1:]):
                 raise GuestUnmapped(f"vCPU {vcpu}: bare EFAULT on an access the guest no "
                                     "longer maps")

@@ -49,6 +49,13 @@ def walker(nlevels: int) -> Walker | None:
     return None
 
 
+def walker_for(cr0: int, cr4: int, efer: int) -> Walker | None:
+    """walker(levels(cr0, cr4, efer)) in one call (the fault path's)."""
+    if not cr0 & CR0_PG or not cr4 & CR4_PAE or not efer & EFER_LMA:
+        return None
+    return walker(5) if cr4 & CR4_LA57 else _walk4
+
+
 def walk(ram: memoryview | bytes | bytearray, cr3: int, gva: int, nlevels: int) -> int | None:
     """gva -> gpa through the tables rooted at CR3, read from `ram` (guest-physical 0 up).
 

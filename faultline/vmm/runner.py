@@ -43,6 +43,8 @@ from faultline.vmm.uffd import SigbusOnMissing, UffdUnavailable, on_tmpfs
 
 KICK_SIGNAL = signal.SIGUSR1
 _FAULT_EXITS = frozenset({exits.MemoryFault, exits.BareEfault, exits.InternalError})
+_BAD_CAUSES = frozenset({"beyond-eof", "hole", "unmapped"})  # classify() returns these as-is
+EHWPOISON = exits.EHWPOISON
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 MMIO_FILL = b"\xde\xad\xfa\x17" * 2  # what a caught load "reads"; the task dies before use
@@ -247,16 +249,13 @@ class KvmRun:
         regs = v.synced_regs() if state.synced_regs else v.get_regs()
         cr0, _, cr3, cr4, _, efer = _SREGS_CRS.unpack_from(v.get_sregs(state.sregs), _OFF_CR0)
         ram = self.ram_view
-        walk = mmu.walker(mmu.levels(cr0, cr4, efer)) if ram is not None else None
+        walk = mmu.walker_for(cr0, cr4, efer) if ram is not None else None
         unhandled = mmu.UNHANDLED
-
-        def translate(gva: int) -> int | None:
-            if walk is not None and (gpa := walk(ram, cr3, gva)) != unhandled:  # type: ignore[arg-type]
-                return gpa
-            return self._translate(vcpu, gva)
-
+        # (no helper function for the two translations: each call is a cold frame here)
         rip = regs.rip
-        rip_gpa = translate(rip)
+        rip_gpa = walk(ram, cr3, rip) if walk is not None else unhandled  # type: ignore[arg-type]
+        if rip_gpa == unhandled:
+            rip_gpa = self._translate(vcpu, rip)
         if rip_gpa is None:
             return []
         out: list[tuple[int | None, int, str]] = [(rip_gpa, 1, "exec")]
@@ -269,11 +268,14 @@ class KvmRun:
                 code = self.memory.read(rip_gpa, n)
         except (GuestMemoryError, OSError):
             return out
-        if n < 15 and (nxt := translate(rip + n)) is not None:
+        if n < 15 and (nxt := self._translate(vcpu, rip + n)) is not None:
             with contextlib.suppress(GuestMemoryError, OSError):  # decode what there is
                 code += self.memory.read(nxt, 15 - n)
-        for acc in decode.accesses(code, rip, regs)[1:]:
-            out.append((translate(acc.gva), acc.size, acc.kind))
+        for gva, size, kind in decode.operand_accesses(code, rip, regs):
+            gpa = walk(ram, cr3, gva) if walk is not None else unhandled  # type: ignore[arg-type]
+            if gpa == unhandled:
+                gpa = self._translate(vcpu, gva)
+            out.append((gpa, size, kind))
         return out
 
     # --- the run ----------------------------------------------------------------------------
@@ -410,6 +412,7 @@ class KvmRun:
         run = vcpu.run
         kvm_run = vcpu.kvm_run
         io_out, mmio_t, hlt_t = exits.IoOut, exits.Mmio, exits.Hlt
+        fault_exits = _FAULT_EXITS
         report_port, serial_port = abi.REPORT_PORT, abi.SERIAL_PORT
         serial = bytearray()
         # Port I/O exits are counted in a local, added to the outcome when the loop ends:
@@ -440,6 +443,9 @@ class KvmRun:
                         return
                 elif t is mmio_t:
                     self._on_mmio(v, ex)
+                elif t in fault_exits:  # straight to the fault path (no dispatch frames)
+                    if not self._on_fault_exit(v, ex):
+                        return
                 elif not self._on_other(v, ex):
                     return
         finally:
@@ -521,7 +527,8 @@ class KvmRun:
             with contextlib.suppress(KvmError):
                 rip = v.vcpu.get_regs().rip
         try:
-            fault = self.detector.from_exit(v.index, ex, rip)
+            fault = self.detector.bare_efault(v.index, ex[0] == EHWPOISON) \
+                if type(ex) is exits.BareEfault else self.detector.from_exit(v.index, ex, rip)
         except GuestUnmapped as e:
             # Bounded: a guest that keeps faulting on what it does not map is stuck.
             v.unmapped_retries += 1
@@ -550,11 +557,14 @@ class KvmRun:
         guest's handling of it. A cross-check that fails then stops the VM."""
         assert self.detector is not None
         v.unmapped_retries = 0
-        self.outcome.count_exit("memory_fault")
+        counts = self.outcome.exits
+        counts["memory_fault"] = counts.get("memory_fault", 0) + 1
         self.log.emit("kvm_exit", vcpu=v.index, exit="memory_fault", source=fault.source,
                       gpa=hex(fault.gpa), access=fault.access, size=fault.size)
         res = fault.resolution or self.memory.resolve(fault.gpa, cross_check=False)
-        cause = classify(self.memory, fault, res)
+        # the common case without a call: a bad page the exit did not call poisoned
+        cause = res.cause if res.cause in _BAD_CAUSES and not fault.poisoned \
+            else classify(self.memory, fault, res)
         self.log.emit_later("vmm_resolve", functools.partial(self._record, fault, res, cause),
                             vcpu=v.index)
         try:
