@@ -7,6 +7,7 @@ vCPU ioctl (run, MCE, interrupt, registers) is issued from it, so other threads 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import functools
@@ -151,7 +152,7 @@ class KvmRun:
         self.bad_reports = 0
         self.writes: dict[int, int] = {}  # window gpa -> last value a task wrote there
         self.known_size: dict[str, int] = {f.name: f.size for f in scenario.files}
-        self.notified: set[int] = set()  # page gpas the guest was told about
+        self.notified = PageRanges()  # pages the guest was told about
         self.bad_seen: dict[str, set[int]] = {}  # window -> bad pages at the watcher's last look
         self.steps: dict[str, int] = {}
         self.vcpus: list[VcpuState] = []
@@ -628,7 +629,7 @@ class KvmRun:
                 abi.NOTIFY_ENTRY.pack_into(self.ram_view, slot, first, npages,
                                            pol.CAUSE_CODES.get(cause, 0), flags, ar)
                 head = (head + 1) & 0xFFFF_FFFF
-                self.notified.update(first + k * abi.PAGE_SIZE for k in range(npages))
+                self.notified.add(first, npages)
                 self.log.emit("vmm_notify", vcpu=v.index, first=hex(first), npages=npages,
                               cause=cause, ar_gpa=hex(ar) if flags else None)
             abi.NOTIFY_HEADER.pack_into(self.ram_view, ring, head, tail, entries, 0)
@@ -923,7 +924,7 @@ class KvmRun:
                 now_bad = set(bad_pages(region))
                 # Only pages that became bad since the last look (policy.on_file_change's
                 # rule), and that the guest was not already told about by the fault path.
-                fresh = sorted(now_bad - self.bad_seen.get(name, set()) - self.notified)
+                fresh = self.notified.outside(sorted(now_bad - self.bad_seen.get(name, set())))
                 self.bad_seen[name] = now_bad
                 self.log.emit("vmm_file_change", file=name, size_before=old, size_after=size,
                               bad_pages=len(fresh))
@@ -1000,6 +1001,39 @@ _REPORT_HANDLERS: dict[int, Callable[..., None]] = {
 
 _WRITE_SNIPPET = ("import os,sys;fd=os.open(sys.argv[1],os.O_WRONLY);"
                   "os.pwrite(fd,int(sys.argv[3]).to_bytes(8,'little'),int(sys.argv[2]))")
+
+
+class PageRanges:
+    """A set of guest pages kept as disjoint [start, end) gpa ranges: a notification names
+    up to a whole window (131,072 pages for 512 MiB), and adding it page by page to a set
+    cost ~15 ms of the VMM's ~20-40 ms (faultline bench offline-range)."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def add(self, first: int, npages: int) -> None:
+        start, end = first, first + npages * abi.PAGE_SIZE
+        i = bisect.bisect_left(self._ends, start)  # the first range that may touch it
+        j = i
+        while j < len(self._starts) and self._starts[j] <= end:
+            start, end = min(start, self._starts[j]), max(end, self._ends[j])
+            j += 1
+        self._starts[i:j] = [start]
+        self._ends[i:j] = [end]
+
+    def __contains__(self, gpa: object) -> bool:
+        if not isinstance(gpa, int):
+            return False
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        return i >= 0 and gpa < self._ends[i]
+
+    def outside(self, pages: list[int]) -> list[int]:
+        """The pages of `pages` not in the set, in their order."""
+        return [p for p in pages if p not in self]
+
+    def __len__(self) -> int:
+        return sum(e - s for s, e in zip(self._starts, self._ends, strict=True)) // abi.PAGE_SIZE
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
