@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -178,6 +179,7 @@ class EventLog:
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._later: list[tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = []
         self._writer: threading.Thread | None = None
+        self.write_error: str | None = None  # why the file stopped being written, if it did
         if self._fh is not None:
             self._writer = threading.Thread(target=self._write_loop, name="eventlog",
                                             daemon=True)
@@ -232,7 +234,7 @@ class EventLog:
     POLL_S = 0.002
 
     def _write_loop(self) -> None:
-        fh = self._fh
+        fh: IO[str] | None = self._fh
         assert fh is not None
         get_nowait, empty = self._q.get_nowait, queue.Empty
         dumps, stop, fill, sleep, poll = json.dumps, self._STOP, self._fill, time.sleep, \
@@ -255,7 +257,13 @@ class EventLog:
                     continue
                 else:
                     ev = item
-                fh.write(dumps(ev, default=_jsonable) + "\n")
+                if fh is None:
+                    continue  # the file failed: events still get their fields, in memory
+                try:
+                    fh.write(dumps(ev, default=_jsonable) + "\n")
+                except OSError as e:  # e.g. ENOSPC: keep the run going, say so once
+                    self.write_error = f"{self.path}: {e.strerror or e}"
+                    fh = None
 
     def flush(self) -> None:
         """Wait until every event emitted so far has its fields (and is written)."""
@@ -267,7 +275,9 @@ class EventLog:
         if writer is not None and writer is not threading.current_thread():
             done = threading.Event()
             self._q.put(done)
-            done.wait()
+            while not done.wait(0.1):
+                if not writer.is_alive():  # it died (a write failed): nothing to wait for
+                    break
 
     def close(self) -> None:
         with self._lock:
@@ -277,7 +287,8 @@ class EventLog:
             writer.join()
         self.flush()  # without a file: fields still owed
         if self._fh is not None:
-            self._fh.close()
+            with contextlib.suppress(OSError):  # a full disk: write_error says so
+                self._fh.close()
             self._fh = None
 
     def __enter__(self) -> EventLog:

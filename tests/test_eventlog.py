@@ -64,3 +64,18 @@ def test_close_fills_what_is_still_owed() -> None:
     ev = log.emit_later("vmm_resolve", lambda: {"cause": "beyond-eof"})
     log.close()
     assert ev["cause"] == "beyond-eof"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_a_full_disk_stops_the_file_not_the_run() -> None:
+    """A write error (here /dev/full: ENOSPC) stops the file, not the run: later events
+    still get their fields, flush() and close() return, and the error is kept."""
+    log = EventLog("/dev/full")
+    log.emit("kvm_exit", vcpu=0)
+    ev = log.emit_later("vmm_resolve", lambda: {"cause": "hole"}, vcpu=0)
+    log.emit("vmm_queue_mce", vcpu=0)
+    log.flush()
+    assert ev["cause"] == "hole"
+    assert log.write_error is not None and "No space left" in log.write_error
+    log.close()
+    assert [e["kind"] for e in log.events] == ["kvm_exit", "vmm_resolve", "vmm_queue_mce"]

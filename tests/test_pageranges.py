@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,7 +25,7 @@ def test_page_ranges_equal_a_set_of_pages(adds: list[tuple[int, int]],
     # disjoint, sorted, and never touching (touching ranges are merged)
     pairs = list(zip(pr._starts, pr._ends, strict=True))
     assert all(s < e for s, e in pairs)
-    assert all(e1 < s2 for (_, e1), (s2, _) in zip(pairs, pairs[1:]))
+    assert all(e1 < s2 for (_, e1), (s2, _) in itertools.pairwise(pairs))
     pages = [BASE + p * PAGE_SIZE for p in probes]
     assert [p in pr for p in pages] == [p in ref for p in pages]
     assert pr.outside(pages) == [p for p in pages if p not in ref]
