@@ -79,6 +79,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
     finally:
         log.close()
+        if log.write_error:  # the run went on; its log file is incomplete
+            print(f"faultline: warning: event log not fully written: {log.write_error}",
+                  file=sys.stderr)
     outcome.events_path = str(events_path)
     problems = check(outcome, sc)
     _print_outcome(outcome, log, args, problems)

@@ -75,3 +75,14 @@ def test_info_json() -> None:
     info = json.loads(p.stdout)
     assert info["kvm"] is True and info["api_version"] == 12
     assert info["caps"]["KVM_CAP_MCE"] > 0
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_an_unwritable_event_log_is_a_warning_not_a_lost_run() -> None:
+    """The run completes and prints its outcome; one warning line says the log is short."""
+    p = _cli("run", str(SCENARIOS / "hello.toml"), "--backend", "model", "--json",
+             "--events", "/dev/full")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["vm"] == "completed"
+    assert p.stderr.strip().splitlines() == [
+        "faultline: warning: event log not fully written: /dev/full: No space left on device"]
