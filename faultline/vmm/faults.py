@@ -91,7 +91,8 @@ class Detector:
         # (vcpu) -> [(gpa, size, kind)] the instruction at RIP touches, fetch first; gpa is
         # None for an access whose address the guest's page tables no longer translate
         self.locate = locate
-        self.handled: dict[int, int] = {}  # page gpa -> times handled
+        self.handled: dict[int, int] = {}  # page gpa -> times handled (any vCPU)
+        self.repeats: dict[tuple[int, int], int] = {}  # (page gpa, vCPU) -> times handled
 
     def from_exit(self, vcpu: int, ex: exits.Exit, rip: int | None = None) -> MemoryFault | None:
         """The MemoryFault an exit stands for, or None if it is not a memory fault."""
@@ -153,13 +154,18 @@ class Detector:
         raise Unrecoverable("KVM_RUN failed with a bare EFAULT and no window page is bad")
 
     def note_handled(self, fault: MemoryFault) -> None:
-        """Count a handled fault; the same page failing again after the guest should have
-        offlined it means the handling did not take: give up instead of looping."""
+        """Count a handled fault; the same vCPU failing on the same page again after the
+        guest should have offlined it means the handling did not take: give up instead of
+        looping. Counted per vCPU: several vCPUs may each touch a page before the guest
+        has offlined it, and each gets its own event (its task touched the page)."""
         page = fault.gpa & ~(PAGE_SIZE - 1)
-        n = self.handled.get(page, 0) + 1
-        self.handled[page] = n
+        self.handled[page] = self.handled.get(page, 0) + 1
+        key = (page, fault.vcpu)
+        n = self.repeats.get(key, 0) + 1
+        self.repeats[key] = n
         if n > 2:
-            raise Unrecoverable(f"gpa {page:#x} faulted {n} times after being handled")
+            raise Unrecoverable(f"gpa {page:#x} faulted {n} times on vCPU {fault.vcpu} "
+                                "after being handled")
 
 
 def classify(memory: GuestMemory, fault: MemoryFault, res: Resolution) -> str:
