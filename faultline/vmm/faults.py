@@ -5,8 +5,10 @@
 The five ways in (DESIGN.md §3):
 
 1. KVM_RUN -1, errno EFAULT/EHWPOISON, exit_reason KVM_EXIT_MEMORY_FAULT: gpa given.
-2. KVM_RUN -1 with a bare EFAULT (x86 upstream today): no gpa; recovered by scanning the
-   file-backed windows for pages that are now bad, guarded against repeating forever.
+2. KVM_RUN -1 with a bare EFAULT (x86 upstream today): no gpa; recovered by decoding the
+   instruction at RIP and walking the guest's page tables to its operand (the runner's
+   `locate`), else by scanning the file-backed windows for pages that are now bad;
+   guarded (per vCPU) against repeating forever.
 3. KVM_EXIT_MMIO whose gpa lies in RAM or a window: what this host's KVM does for a
    truncated page.
 4. KVM_EXIT_INTERNAL_ERROR from an instruction fetch out of such a page: the fetch address

@@ -494,7 +494,7 @@ class KvmRun:
 
     def _on_other(self, v: VcpuState, ex: exits.Exit) -> bool:
         assert self.detector is not None
-        if type(ex) in _FAULT_EXITS:  # first: the fault path pays no isinstance chain
+        if type(ex) in _FAULT_EXITS:  # the loop dispatches these itself; other callers
             return self._on_fault_exit(v, ex)
         if isinstance(ex, exits.Intr):
             self.outcome.count_exit("intr")
@@ -553,9 +553,11 @@ class KvmRun:
     # --- faults -------------------------------------------------------------------------------
     def _on_fault(self, v: VcpuState, fault: MemoryFault) -> None:
         """Resolve, decide, queue. Only what the decision needs is on this path (the cause:
-        region lookup, fstat, SEEK_DATA); the record with its /proc/self/maps cross-check
-        is built after the injection is queued (EventLog.emit_later), overlapping the
-        guest's handling of it. A cross-check that fails then stops the VM."""
+        region lookup, the file's size, SEEK_DATA); the record with its /proc/self/maps
+        cross-check is built after the injection is queued (EventLog.emit_later),
+        overlapping the guest's handling of it. A cross-check that fails then stops the VM.
+        (The path runs cold after every guest run, so it is kept short in Python frames:
+        docs/performance.md.)"""
         assert self.detector is not None
         v.unmapped_retries = 0
         counts = self.outcome.exits
