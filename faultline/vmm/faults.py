@@ -137,12 +137,11 @@ class Detector:
             for gpa, size, kind in accesses:
                 if gpa is None or gpa < ram_end:  # RAM is [0, ram_end): never a window
                     continue
-                region = self.memory.find_region(gpa)
-                if region is None or region.kind != "file":
+                res = self.memory.resolve(gpa, cross_check=False)
+                if res.file_offset is None:  # not a file window (or nothing there)
                     continue
-                res = self.memory.resolve(gpa, cross_check=False, region=region)
                 if poisoned or res.cause in ("beyond-eof", "hole") or (
-                        kind == "write" and region.readonly):
+                        kind == "write" and self.memory.region(res.region).readonly):
                     return _new_fault((gpa, size, kind, "bare-efault", vcpu, poisoned, False,
                                        res))
             if any(gpa is None for gpa, _, _ in accesses[1:]):

@@ -231,12 +231,12 @@ def _mce_fields(action_required: bool) -> tuple[int, int, int]:
 
 
 # (MCi_STATUS, MCi_MISC, MCG_STATUS) by action_required: computed once, read per injection
-_MCE_FIELDS = {True: _mce_fields(True), False: _mce_fields(False)}
+MCE_FIELDS = {True: _mce_fields(True), False: _mce_fields(False)}
 
 
 def mce_encoding(gpa: int, action_required: bool) -> tuple[int, int, int, int]:
     """(MCi_STATUS, MCi_ADDR, MCi_MISC, MCG_STATUS) as QEMU's kvm_mce_inject(); bank 9."""
-    status, misc, mcg_status = _MCE_FIELDS[bool(action_required)]
+    status, misc, mcg_status = MCE_FIELDS[bool(action_required)]
     return status, gpa, misc, mcg_status
 
 
