@@ -47,6 +47,7 @@ def test_fault_tiny() -> None:
     assert 0 < r.extra["faultline_vmm_us"] < r.extra["faultline_us"]
     assert 0 < r.extra["baseline_vmm_us"] < r.extra["baseline_us"]
     assert set(r.extra["warmup_us"]) == {"faultline", "baseline"}
+    assert r.extra["exit_to_mce_ratio"] > 0
 
 
 @pytest.mark.kvm
