@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from faultline.abi import PAGE_SIZE
 from faultline.kvm import exits
-from faultline.memory import GuestMemory, MapsEntry, Region, Resolution, file_holes
+from faultline.memory import GuestMemory, MapsEntry, PageRanges, Region, Resolution, file_holes
 from faultline.outcome import FaultRecord
 
 EHWPOISON = getattr(_errno, "EHWPOISON", 133)
@@ -63,20 +63,26 @@ class GuestUnmapped(Exception):
     Nothing to resolve: re-entering lets the guest fault on its own poisoned PTE."""
 
 
-def bad_pages(region: Region) -> list[int]:
-    """GPAs of the pages of a file window that cannot be backed now: beyond EOF or holes."""
+def bad_ranges(region: Region) -> PageRanges:
+    """The pages of a file window that cannot be backed now (holes, beyond EOF), as
+    ranges: a truncated 1 GiB window is one range, not 131,072 pages."""
+    out = PageRanges()
     if region.kind != "file":
-        return []
+        return out
     size = os.fstat(region.fd).st_size
-    out: list[int] = []
     end = min(size, region.file_offset + region.size)
     for off, length in file_holes(region.fd, region.file_offset, end):
         first = -(-off // PAGE_SIZE) * PAGE_SIZE  # whole pages inside the hole only
-        for p in range(first, (off + length) // PAGE_SIZE * PAGE_SIZE, PAGE_SIZE):
-            out.append(region.gpa + p - region.file_offset)
+        last = (off + length) // PAGE_SIZE * PAGE_SIZE
+        out.add(region.gpa + first - region.file_offset, (last - first) // PAGE_SIZE)
     first_beyond = -(-(size - region.file_offset) // PAGE_SIZE) if size > region.file_offset else 0
-    out.extend(region.gpa + p * PAGE_SIZE for p in range(first_beyond, region.size // PAGE_SIZE))
-    return sorted(out)
+    out.add(region.gpa + first_beyond * PAGE_SIZE, region.size // PAGE_SIZE - first_beyond)
+    return out
+
+
+def bad_pages(region: Region) -> list[int]:
+    """GPAs of the pages of a file window that cannot be backed now: beyond EOF or holes."""
+    return [g + k * PAGE_SIZE for g, n in bad_ranges(region).ranges() for k in range(n)]
 
 
 class Detector:

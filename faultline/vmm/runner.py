@@ -7,7 +7,6 @@ vCPU ioctl (run, MCE, interrupt, registers) is issued from it, so other threads 
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import ctypes
 import functools
@@ -26,7 +25,7 @@ from typing import Any
 
 from faultline import abi
 from faultline.kvm import Kvm, KvmError, Vcpu, Vm, exits, uapi
-from faultline.memory import GuestMemory, GuestMemoryError, Resolution, file_holes
+from faultline.memory import GuestMemory, GuestMemoryError, PageRanges, Resolution, file_holes
 from faultline.outcome import EventLog, Outcome, Signal, TaskOutcome
 from faultline.scenario import HostEvent, Scenario, file_contents
 from faultline.vmm import decode, mmu
@@ -36,7 +35,7 @@ from faultline.vmm.faults import (
     GuestUnmapped,
     MemoryFault,
     Unrecoverable,
-    bad_pages,
+    bad_ranges,
     classify,
     record,
 )
@@ -153,7 +152,7 @@ class KvmRun:
         self.writes: dict[int, int] = {}  # window gpa -> last value a task wrote there
         self.known_size: dict[str, int] = {f.name: f.size for f in scenario.files}
         self.notified = PageRanges()  # pages the guest was told about
-        self.bad_seen: dict[str, set[int]] = {}  # window -> bad pages at the watcher's last look
+        self.bad_seen: dict[str, PageRanges] = {}  # window -> bad pages at the watcher's last look
         self.steps: dict[str, int] = {}
         self.vcpus: list[VcpuState] = []
         self.kvm: Kvm | None = None
@@ -888,7 +887,7 @@ class KvmRun:
         self.inotify = INotify()
         for r in self.memory:  # pages bad from the start (window beyond EOF) are not news
             if r.kind == "file":
-                self.bad_seen[r.name] = set(bad_pages(r))
+                self.bad_seen[r.name] = bad_ranges(r)
         mask = flags.MODIFY | flags.ATTRIB | flags.CLOSE_WRITE
         for f in self.sc.files:
             wd = self.inotify.add_watch(str(self.run_dir / f.path), mask)
@@ -923,18 +922,22 @@ class KvmRun:
                 region = self.memory.region(name)
                 size = os.fstat(region.fd).st_size
                 old = self.known_size.get(name, self.sc.file(name).size)
-                now_bad = set(bad_pages(region))
+                now_bad = bad_ranges(region)
                 # Only pages that became bad since the last look (policy.on_file_change's
                 # rule), and that the guest was not already told about by the fault path.
-                fresh = self.notified.outside(sorted(now_bad - self.bad_seen.get(name, set())))
+                fresh = now_bad.minus(self.bad_seen.get(name, PageRanges())).minus(self.notified)
                 self.bad_seen[name] = now_bad
                 self.log.emit("vmm_file_change", file=name, size_before=old, size_after=size,
                               bad_pages=len(fresh))
                 self.known_size[name] = size
                 if not fresh:
                     continue
-                d = pol.Notify(tuple((first, n, _cause_of(region, first, size))
-                                     for first, n in _coalesce(fresh)))
+                # one record per range and cause: holes below the EOF page, beyond-EOF from it
+                eof_page = -(-max(size - region.file_offset, 0) // abi.PAGE_SIZE)
+                holes, beyond = fresh.split_at(region.gpa + eof_page * abi.PAGE_SIZE)
+                d = pol.Notify(tuple((first, n, cause) for part, cause in
+                                     ((holes, "hole"), (beyond, "beyond-eof"))
+                                     for first, n in part.ranges()))
                 target = v if v is not None else self._irq_target()
                 if target is not None:
                     self._notify(target, d, ar_gpa=None)
@@ -946,7 +949,7 @@ class KvmRun:
         has seen it, so 'proactive' really acts before the guest runs on."""
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
-            if set(bad_pages(region)) == self.bad_seen.get(region.name):
+            if bad_ranges(region) == self.bad_seen.get(region.name):
                 return
             self._poll_watch(v)
             time.sleep(0.001)
@@ -1005,60 +1008,12 @@ _WRITE_SNIPPET = ("import os,sys;fd=os.open(sys.argv[1],os.O_WRONLY);"
                   "os.pwrite(fd,int(sys.argv[3]).to_bytes(8,'little'),int(sys.argv[2]))")
 
 
-class PageRanges:
-    """A set of guest pages kept as disjoint [start, end) gpa ranges: a notification names
-    up to a whole window (131,072 pages for 512 MiB), and adding it page by page to a set
-    cost ~15 ms of the VMM's ~20-40 ms (faultline bench offline-range)."""
-
-    def __init__(self) -> None:
-        self._starts: list[int] = []
-        self._ends: list[int] = []
-
-    def add(self, first: int, npages: int) -> None:
-        start, end = first, first + npages * abi.PAGE_SIZE
-        i = bisect.bisect_left(self._ends, start)  # the first range that may touch it
-        j = i
-        while j < len(self._starts) and self._starts[j] <= end:
-            start, end = min(start, self._starts[j]), max(end, self._ends[j])
-            j += 1
-        self._starts[i:j] = [start]
-        self._ends[i:j] = [end]
-
-    def __contains__(self, gpa: object) -> bool:
-        if not isinstance(gpa, int):
-            return False
-        i = bisect.bisect_right(self._starts, gpa) - 1
-        return i >= 0 and gpa < self._ends[i]
-
-    def outside(self, pages: list[int]) -> list[int]:
-        """The pages of `pages` not in the set, in their order."""
-        return [p for p in pages if p not in self]
-
-    def __len__(self) -> int:
-        return sum(e - s for s, e in zip(self._starts, self._ends, strict=True)) // abi.PAGE_SIZE
-
-
 def _punch_hole(fd: int, offset: int, length: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
     if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-
-
-def _coalesce(gpas: list[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for g in sorted(gpas):
-        if out and out[-1][0] + out[-1][1] * abi.PAGE_SIZE == g:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((g, 1))
-    return out
-
-
-def _cause_of(region: Any, gpa: int, size: int) -> str:
-    off = region.file_offset_of(gpa)
-    return "beyond-eof" if off is None or off >= size else "hole"
 
 
 def run_kvm(scenario: Scenario, policy: str, *, events_path: str | Path | None = None,
