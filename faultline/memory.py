@@ -364,8 +364,9 @@ class Resolution(NamedTuple):
 
     def checked(self, memory: GuestMemory) -> Resolution:
         """This resolution with the /proc/self/maps line its hva lies in (for cross_check)."""
-        r = memory.find_region(self.gpa) if self.hva is not None else None
-        return self if r is None else self._replace(mapping=r.maps_entry(self.hva))
+        if self.hva is None or (r := memory.find_region(self.gpa)) is None:
+            return self
+        return self._replace(mapping=r.maps_entry(self.hva))
 
     def cross_check(self) -> list[str]:
         """Disagreements between this resolution and /proc/self/maps (empty: agree)."""

@@ -111,7 +111,7 @@ class IoIn(Exit):
     __match_args__ = _fields
     port: int = _field(0, "I/O port")
     size: int = _field(1, "bytes per element")
-    count: int = _field(2, "elements (rep ins)")
+    count: int = _field(2, "elements (rep ins)")  # type: ignore[assignment]  # kvm_run.io.count
     data_offset: int = _field(3, "offset of the data area from the start of kvm_run")
 
 
@@ -123,7 +123,7 @@ class IoOut(Exit):
     __match_args__ = _fields
     port: int = _field(0, "I/O port")
     size: int = _field(1, "bytes per element")
-    count: int = _field(2, "elements (rep outs)")
+    count: int = _field(2, "elements (rep outs)")  # type: ignore[assignment]  # shadows tuple.count
     data_offset: int = _field(3, "offset of the data area from the start of kvm_run")
     data: bytes = _field(4, "the bytes written by the guest")
 

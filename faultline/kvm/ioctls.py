@@ -259,7 +259,7 @@ class Vcpu(_Fd):
         except OSError as e:
             if self._run is None:
                 raise KvmError("KVM_RUN", _errno.EBADF, "closed") from None
-            return decode_error(self._run, e.errno)
+            return decode_error(self._run, e.errno or _errno.EIO)
         except (ValueError, TypeError):  # fd -1: closed
             raise KvmError("KVM_RUN", _errno.EBADF, "closed") from None
         return decode_ok(self._run)

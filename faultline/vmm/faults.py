@@ -144,7 +144,7 @@ class Detector:
                 if gpa is None or gpa < ram_end:  # RAM is [0, ram_end): never a window
                     continue
                 res = self.memory.resolve(gpa, cross_check=False)
-                if res.file_offset is None:  # not a file window (or nothing there)
+                if res.file_offset is None or res.region is None:  # not a file window
                     continue
                 if poisoned or res.cause in ("beyond-eof", "hole") or (
                         kind == "write" and self.memory.region(res.region).readonly):

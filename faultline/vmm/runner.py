@@ -442,7 +442,7 @@ class KvmRun:
                     if not self._on_hlt(v):
                         return
                 elif t is mmio_t:
-                    self._on_mmio(v, ex)
+                    self._on_mmio(v, ex)  # type: ignore[arg-type]  # narrowed by `t is`
                 elif t in fault_exits:  # straight to the fault path (no dispatch frames)
                     if not self._on_fault_exit(v, ex):
                         return
@@ -985,7 +985,7 @@ class KvmRun:
     def _dump_regs(self, v: VcpuState) -> None:
         with contextlib.suppress(KvmError, ValueError, OSError):
             r = v.vcpu.get_regs()
-            regs = {n: hex(getattr(r, n)) for n, _ in uapi.kvm_regs._fields_}
+            regs = {f[0]: hex(getattr(r, f[0])) for f in uapi.kvm_regs._fields_}
             self.log.emit("vcpu_regs", vcpu=v.index, **regs)
 
 

@@ -81,7 +81,7 @@ class SigbusOnMissing:
             fcntl.ioctl(self.fd, UFFDIO_API, api)
         except OSError as e:
             os.close(self.fd)
-            raise UffdUnavailable(f"UFFDIO_API: {os.strerror(e.errno)}") from None
+            raise UffdUnavailable(f"UFFDIO_API: {os.strerror(e.errno or 0)}") from None
 
     @staticmethod
     def _from_dev(err: int) -> int:
@@ -92,7 +92,7 @@ class SigbusOnMissing:
         try:
             return fcntl.ioctl(dev, USERFAULTFD_IOC_NEW, os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:
-            raise UffdUnavailable(f"USERFAULTFD_IOC_NEW: {os.strerror(e.errno)}") from None
+            raise UffdUnavailable(f"USERFAULTFD_IOC_NEW: {os.strerror(e.errno or 0)}") from None
         finally:
             os.close(dev)
 
@@ -104,7 +104,7 @@ class SigbusOnMissing:
             if e.errno == _errno.EINVAL:
                 raise UffdUnavailable("UFFDIO_REGISTER: this mapping is not shmem "
                                       "(put the run directory on tmpfs)") from None
-            raise UffdUnavailable(f"UFFDIO_REGISTER: {os.strerror(e.errno)}") from None
+            raise UffdUnavailable(f"UFFDIO_REGISTER: {os.strerror(e.errno or 0)}") from None
 
     def close(self) -> None:
         if self.fd >= 0:
