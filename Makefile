@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint guest fuzz conform-long bench clean
+.PHONY: demo test test-slow guest fuzz conform-long bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,7 @@ demo: guest
 
 test: guest
 	$(BIN)/ruff check faultline tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 test-slow: guest

@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from faultline.outcome import EventLog, Outcome, check
 from faultline.scenario import DESIGNS, POLICIES, ScenarioError, load
@@ -38,12 +39,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from faultline.vmm.runner import BackendError, Interrupted
 
     stem = Path(args.scenario).stem
+    bad_backend: UsageError | None = None
     try:
         backend = resolve_backend(args.backend)
     except UsageError as e:
         backend, bad_backend = args.backend, e
-    else:
-        bad_backend = None
     events_path = Path(args.events) if args.events else _default_events(
         stem, backend, args.design or ("host" if backend == "kvm" else "default"),
         args.policy or "default")
@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if bad_backend is not None:
                 raise bad_backend
             sc = load(args.scenario)
-            kvm_kw: dict[str, object] = (
+            kvm_kw: dict[str, Any] = (
                 {"watchdog_s": args.watchdog, "keep": args.keep} if backend == "kvm" else {})
             if args.replay:
                 if backend != "model":
@@ -164,8 +164,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        for k, v in info.items():
-            print(f"{k:<18} {v}")
+        for key, val in info.items():
+            print(f"{key:<18} {val}")
     return EXIT_OK
 
 

@@ -43,7 +43,8 @@ class Adapter:
         self.expand: Callable[[State], list[tuple[int, State]]]
         # What the explorer stores and hashes ("keys") and the system's own states:
         # the same objects unless the system is faultline's model (see _Codec).
-        self.decode: Callable[[State], State] = _identity
+        # (Any: the interned path decodes the model's flat tuples, the generic one anything)
+        self.decode: Callable[[Any], Any] = _identity
         self._codec: _Codec | None = None
         if enabled is not None:
             self._enabled = enabled
@@ -85,7 +86,7 @@ class Adapter:
         # actor string, interned by the model (hash cached), so one dict hit per edge.
         ids = self.class_ids
         canon = self.canonical
-        out = []
+        out: list[tuple[int, State]] = []
         append = out.append
         for _name, actor, fn, args in self._enabled(s, False):
             key = _class_key(actor, fn, args)
@@ -96,7 +97,7 @@ class Adapter:
             append((cid, t if canon is None else canon(t)))
         return out
 
-    def _expand_interned(self, ks: State) -> list[tuple[int, State]]:
+    def _expand_interned(self, ks: Any) -> list[tuple[int, State]]:
         """_expand_model over interned keys. A vCPU-local action's effect depends only on
         (action, args, the components it reads), so it is memoised on their ids: on a hit
         (~96% of edges) the successor's key is spliced from the memo without running the
@@ -113,7 +114,7 @@ class Adapter:
         reads = codec.reads
         splice = codec.splice
         encode = codec.encode_from
-        out = []
+        out: list[tuple[int, State]] = []
         append = out.append
         for _name, actor, fn, args in self._enabled(s, False):
             key = _class_key(actor, fn, args)

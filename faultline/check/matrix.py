@@ -37,7 +37,7 @@ def check_cell(scenario_path: str, design: str, policy: str, max_states: int = 5
     # System._symmetry_groups); a counterexample then replays with canonical=True.
     r = check_system(System(sc, design, policy, symmetry=True), max_states=max_states,
                      timeout_s=timeout_s)
-    cell = {"design": design, "policy": policy, "scenario": sc.name}
+    cell: dict[str, Any] = {"design": design, "policy": policy, "scenario": sc.name}
     cell.update(r.to_json())
     cell["explore_seconds"] = round(r.explore_seconds, 3)
     return cell

@@ -396,11 +396,11 @@ def _fair_cycle(g: Graph, entry: int, comp: array) -> list[int]:
         where = [v for v in scc if c not in classes(v)]
         if where:
             targets = set(where)
-            path = _bfs(g, cur, lambda v, t=targets: v in t, inside)
+            path = _bfs(g, cur, targets.__contains__, inside)
             assert path is not None
         else:
             sources = {v for v in scc for e in g.edges(v) if g.cls[e] == c and inside(g.dst[e])}
-            path = _bfs(g, cur, lambda v, t=sources: v in t, inside)
+            path = _bfs(g, cur, sources.__contains__, inside)
             assert path is not None
             last = g.dst[path[-1]] if path else cur
             path.append(next(e for e in g.edges(last) if g.cls[e] == c and inside(g.dst[e])))

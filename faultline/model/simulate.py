@@ -92,7 +92,7 @@ def _run(system: System, log: EventLog, outcome: Outcome, seed: int | None, max_
             en = system.enabled(state)
             hit = next((item for item in en if item[0] == want), None)
             if hit is None:
-                shown = ", ".join(item[0] for item in en) or "none"
+                shown = ", ".join(item[0] or "" for item in en) or "none"
                 raise ReplayError(f"trace step {len(history) + 1}: action {want!r} is not "
                                   f"enabled (enabled: {shown})")
             log.step += 1
@@ -137,7 +137,7 @@ def _run(system: System, log: EventLog, outcome: Outcome, seed: int | None, max_
         else:
             name, actor, fn, args = en[rng.randrange(len(en))]
         log.step += 1
-        history.append(name)
+        history.append(name or "")
         system._ev = emit
         state = fn(state, *args)
         system._ev = None

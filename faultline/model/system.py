@@ -388,10 +388,11 @@ class System:
     # --- enabled actions ----------------------------------------------------------------
 
     def enabled(self, s: State, names: bool = True
-                ) -> list[tuple[str, str, Callable[..., State], tuple]]:
+                ) -> list[tuple[str | None, str, Callable[..., State], tuple]]:
         """Every enabled action: (name, actor, fn, args); next state = fn(s, *args).
         ``names=False``: name is None (cheaper; for exhaustive search)."""
-        out: list[tuple[str, str, Callable[..., State], tuple]] = []
+        # (name is None when names=False: the checker's hot path builds no strings)
+        out: list[tuple[str | None, str, Callable[..., State], tuple]] = []
         vmm = s[S_VMM]
         if vmm[M_ABORT]:
             return out
@@ -446,7 +447,8 @@ class System:
         return out
 
     def actions(self, s: State) -> list[tuple[str, State]]:
-        return [(name, fn(s, *args)) for name, _actor, fn, args in self.enabled(s)]
+        # enabled() with names: every name is a str
+        return [(name or "", fn(s, *args)) for name, _actor, fn, args in self.enabled(s)]
 
     def successors(self, s: State) -> list[State]:
         """The next states only, in the order of actions() (no names: for BFS; replay a
@@ -595,17 +597,18 @@ class System:
         f = files[fi]
         mem = s[S_MEM]
         wlo, whi = spec.window_gpa, spec.window_gpa + spec.window_bytes
-        if ev.action == "truncate" and ev.size > f[F_SIZE]:
-            nf = H.extend(f, ev.size, spec.pages)  # ftruncate(2) to a larger size grows it
+        size = ev.size if ev.size is not None else 0  # set for truncate/extend (validated)
+        if ev.action == "truncate" and size > f[F_SIZE]:
+            nf = H.extend(f, size, spec.pages)  # ftruncate(2) to a larger size grows it
             if self._ev is not None:
-                self._emit("host_truncate", file=spec.name, old_size=f[F_SIZE], new_size=ev.size)
+                self._emit("host_truncate", file=spec.name, old_size=f[F_SIZE], new_size=size)
         elif ev.action == "truncate":
-            nf = H.truncate(f, ev.size, spec.pages)
-            mem = tuple(x for x in mem if not (wlo <= x[0] < whi and x[0] - wlo >= ev.size))
+            nf = H.truncate(f, size, spec.pages)
+            mem = tuple(x for x in mem if not (wlo <= x[0] < whi and x[0] - wlo >= size))
             if self._ev is not None:
-                self._emit("host_truncate", file=spec.name, old_size=f[F_SIZE], new_size=ev.size)
+                self._emit("host_truncate", file=spec.name, old_size=f[F_SIZE], new_size=size)
         elif ev.action == "extend":
-            nf = H.extend(f, ev.size, spec.pages)
+            nf = H.extend(f, size, spec.pages)
             if self._ev is not None:
                 self._emit("host_extend", file=spec.name, old_size=f[F_SIZE], new_size=nf[F_SIZE])
         elif ev.action == "punch-hole":
@@ -1099,7 +1102,7 @@ class System:
             gpa = true_gpa
         elif kind == EXIT_BARE_EFAULT:
             # Without decoding: recover by scanning the windows, as the VMM's fallback does.
-            bad = []
+            bad: list[int] = []
             for fi, spec in enumerate(self.files):
                 pages = H.bad_pages(files[fi], spec.pages, self.holes_fail)
                 bad.extend(spec.gpa(p) for p in pages)
