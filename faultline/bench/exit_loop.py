@@ -58,6 +58,7 @@ def run(exits: int = 20_000, runs: int = 5) -> Result:
                     a, b = _faultline_interval_ns(exits), _faultline_interval_ns(0)
                     fl_us.append((a - b) / exits / 1000)
     fl, c = median(fl_us), median(c_us)
-    extra = {"exits": exits, "faultline_runs_us": [round(x, 3) for x in fl_us],
+    extra = {"exits": exits, "min_ratio": round(min(fl_us) / min(c_us), 3),
+             "faultline_runs_us": [round(x, 3) for x in fl_us],
              "baseline_runs_us": [round(x, 3) for x in c_us], "target_ratio": 1.15}
     return Result("exit-loop", "us/exit", fl, c, runs, extra)
