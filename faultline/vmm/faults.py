@@ -18,7 +18,6 @@ The five ways in (DESIGN.md §3):
 
 from __future__ import annotations
 
-import errno as _errno
 import functools
 import os
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from faultline.kvm import exits
 from faultline.memory import GuestMemory, MapsEntry, PageRanges, Region, Resolution, file_holes
 from faultline.outcome import FaultRecord
 
-EHWPOISON = getattr(_errno, "EHWPOISON", 133)
+EHWPOISON = exits.EHWPOISON
 
 
 class MemoryFault(NamedTuple):

@@ -39,21 +39,13 @@ def levels(cr0: int, cr4: int, efer: int) -> int:
 Walker = Callable[[memoryview | bytes | bytearray, int, int], int | None]
 
 
-def walker(nlevels: int) -> Walker | None:
-    """The walk for this many levels as a (ram, cr3, gva) function (None for 0: no paging
-    this module handles): one call per translation on the fault path."""
-    if nlevels == 4:
-        return _walk4
-    if nlevels:
-        return functools.partial(walk_loop, nlevels=nlevels)
-    return None
-
-
 def walker_for(cr0: int, cr4: int, efer: int) -> Walker | None:
-    """walker(levels(cr0, cr4, efer)) in one call (the fault path's)."""
+    """The walk for levels(cr0, cr4, efer) as a (ram, cr3, gva) function, or None where
+    this module does not apply: one call per translation on the fault path (the mode test
+    is levels()'s, repeated here to save that call)."""
     if not cr0 & CR0_PG or not cr4 & CR4_PAE or not efer & EFER_LMA:
         return None
-    return walker(5) if cr4 & CR4_LA57 else _walk4
+    return _walk5 if cr4 & CR4_LA57 else _walk4
 
 
 def walk(ram: memoryview | bytes | bytearray, cr3: int, gva: int, nlevels: int) -> int | None:
@@ -108,3 +100,6 @@ def _walk4(ram: memoryview | bytes | bytearray, cr3: int, gva: int) -> int | Non
     except struct.error:  # a table beyond RAM
         return UNHANDLED
     return (e & m) | (gva & 0xFFF) if e & 1 else None
+
+
+_walk5 = functools.partial(walk_loop, nlevels=5)
