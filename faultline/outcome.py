@@ -14,8 +14,8 @@ from typing import IO, Any
 
 from faultline.scenario import Expectation, Scenario
 
-OUTCOME_KEYS = ("scenario", "backend", "design", "policy", "vm", "tasks", "offlined", "exits",
-                "faults", "events_path")
+OUTCOME_KEYS = ("scenario", "backend", "profile", "design", "policy", "vm", "tasks", "offlined",
+                "exits", "faults", "events_path")
 
 
 @dataclass(slots=True)
@@ -71,6 +71,9 @@ class Outcome:
     design: str
     policy: str
     vm: str = "completed"  # completed | aborted | hung
+    # What the run describes (docs/linux-qemu.md): the kvm backend is faultline's own VMM
+    # and guest; the model says which profile it ran.
+    profile: str = "faultline-vmm"
     tasks: dict[str, TaskOutcome] = field(default_factory=dict)
     offlined: set[int] = field(default_factory=set)
     exits: dict[str, int] = field(default_factory=dict)
@@ -88,6 +91,7 @@ class Outcome:
         return {
             "scenario": self.scenario,
             "backend": self.backend,
+            "profile": self.profile,
             "design": self.design,
             "policy": self.policy,
             "vm": self.vm,
@@ -148,7 +152,7 @@ def _fault_matches(f: FaultRecord, spec: dict[str, Any]) -> bool:
 
 def check(outcome: Outcome, scenario: Scenario) -> list[str]:
     return mismatches(outcome, scenario.expectation(outcome.backend, outcome.design,
-                                                    outcome.policy))
+                                                    outcome.policy, outcome.profile))
 
 
 class EventLog:

@@ -18,6 +18,13 @@ from faultline import abi
 DESIGNS = ("upstream", "memory-fault-exit", "error-gfn", "request", "apf-error-to-guest")
 POLICIES = ("abort", "mce", "notify", "proactive")
 BACKENDS = ("kvm", "model")
+# What the model describes (docs/linux-qemu.md): a Linux guest under QEMU, or faultline's own
+# VMM and guest (what the kvm backend is). The kvm backend is always "faultline-vmm".
+PROFILES = ("linux-qemu", "faultline-vmm")
+DEFAULT_PROFILE = {"kvm": "faultline-vmm", "model": "linux-qemu"}
+# The guest kernel's preemption model (linux-qemu only): CONFIG_PREEMPT_NONE,
+# CONFIG_PREEMPT_VOLUNTARY, CONFIG_PREEMPT (full).
+PREEMPTS = ("none", "voluntary", "full")
 EVENT_ACTIONS = ("truncate", "extend", "punch-hole", "poison", "write")
 PATTERNS = ("offset", "zero", "ret")
 FATES = ("exited", "sigbus", "killed", "hung")
@@ -144,12 +151,17 @@ class Expectation:
     exits: dict[str, int]
     faults: tuple[dict[str, Any], ...] | None  # None: not constrained
     files_match_writes: bool | None
+    profiles: tuple[str, ...] | None = None
 
-    def applies(self, backend: str, design: str, policy: str) -> bool:
+    def applies(self, backend: str, design: str, policy: str,
+                profile: str | None = None) -> bool:
+        """``profile`` None: the backend's default profile."""
+        profile = profile or DEFAULT_PROFILE.get(backend, "faultline-vmm")
         return (
             (self.backends is None or backend in self.backends)
             and (self.designs is None or design in self.designs)
             and (self.policies is None or policy in self.policies)
+            and (self.profiles is None or profile in self.profiles)
         )
 
 
@@ -169,6 +181,8 @@ class Scenario:
     design: str
     expectations: tuple[Expectation, ...]
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    profile: str | None = None  # [vm] profile: the model's default profile for this scenario
+    preempt: str | None = None  # [vm] preempt: the linux-qemu guest's preemption model
 
     def file(self, name: str) -> FileSpec:
         for f in self.files:
@@ -182,11 +196,12 @@ class Scenario:
                 return t
         raise KeyError(name)
 
-    def expectation(self, backend: str, design: str, policy: str) -> Expectation | None:
+    def expectation(self, backend: str, design: str, policy: str,
+                    profile: str | None = None) -> Expectation | None:
         """All [[expect]] blocks that apply, merged in file order (later keys win)."""
         merged: Expectation | None = None
         for e in self.expectations:
-            if not e.applies(backend, design, policy):
+            if not e.applies(backend, design, policy, profile):
                 continue
             if merged is None:
                 merged = e
@@ -299,12 +314,12 @@ def _parse_ref_text(source: str, key: str, text: str) -> tuple[str, int, int]:
 
 _TOP_KEYS = ("name", "description", "policies", "design", "vm", "files", "tasks", "events",
              "expect")
-_VM_KEYS = ("vcpus", "ram", "apf", "verbose")
+_VM_KEYS = ("vcpus", "ram", "apf", "verbose", "profile", "preempt")
 _FILE_KEYS = ("name", "size", "pattern", "window_gpa", "window_size", "access", "path")
 _TASK_KEYS = ("name", "vcpu", "program", "maps", "early_kill")
 _EVENT_KEYS = ("action", "file", "size", "offset", "length", "value", "after", "by")
-_EXPECT_KEYS = ("backend", "design", "policy", "vm", "tasks", "offlined", "exits", "faults",
-                "files_match_writes")
+_EXPECT_KEYS = ("backend", "design", "policy", "profile", "vm", "tasks", "offlined", "exits",
+                "faults", "files_match_writes")
 _TASK_EXPECT_KEYS = ("fate", "code", "signal", "vaddr")
 _FAULT_EXPECT_KEYS = ("page", "gpa", "cause", "offset", "file_size", "source", "path")
 
@@ -343,6 +358,8 @@ def from_dict(raw: dict[str, Any], *, source: str = "<scenario>",
         raise ScenarioError(source, "vm.ram", f"must be page-aligned and > {abi.ANON_POOL_GPA:#x}")
     apf = _bool(source, "vm.apf", vm.get("apf", True))
     verbose = _bool(source, "vm.verbose", vm.get("verbose", False))
+    profile = _str(source, "vm.profile", vm["profile"], PROFILES) if "profile" in vm else None
+    preempt = _str(source, "vm.preempt", vm["preempt"], PREEMPTS) if "preempt" in vm else None
 
     policies = _names(source, "policies", raw.get("policies", ["mce"]), POLICIES)
     if not policies:
@@ -361,7 +378,7 @@ def from_dict(raw: dict[str, Any], *, source: str = "<scenario>",
         for i, e in enumerate(_list(source, "expect", raw.get("expect", [])))
     )
     return Scenario(name, source, description, vcpus, ram_bytes, apf, verbose, files, tasks,
-                    events, policies, design, expectations, raw)
+                    events, policies, design, expectations, raw, profile, preempt)
 
 
 def _parse_files(source: str, items: list[Any], ram_bytes: int) -> tuple[FileSpec, ...]:
@@ -697,6 +714,8 @@ def _parse_expect(source: str, key: str, item: Any, files: dict[str, FileSpec],
     designs = _names(source, f"{key}.design", t["design"], (*DESIGNS, "host")) \
         if "design" in t else None
     policies = _names(source, f"{key}.policy", t["policy"], POLICIES) if "policy" in t else None
+    profiles = _names(source, f"{key}.profile", t["profile"], PROFILES) \
+        if "profile" in t else None
     vm = _str(source, f"{key}.vm", t["vm"], VM_STATES) if "vm" in t else None
     texp: dict[str, TaskExpect] = {}
     for tname, spec in _table(source, f"{key}.tasks", t.get("tasks", {}), tuple(tasks)).items():
@@ -731,7 +750,7 @@ def _parse_expect(source: str, key: str, item: Any, files: dict[str, FileSpec],
     fmw = _bool(source, f"{key}.files_match_writes", t["files_match_writes"]) \
         if "files_match_writes" in t else None
     return Expectation(backends, designs, policies, vm, texp, offlined, exits,
-                       tuple(faults) if faults is not None else None, fmw)
+                       tuple(faults) if faults is not None else None, fmw, profiles)
 
 
 def _gpa_ref(source: str, key: str, value: Any, files: dict[str, FileSpec]) -> int:

@@ -31,9 +31,10 @@ def test_run_hello_json(tmp_path: Path) -> None:
              "--events", str(events))
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
-    assert list(out) == ["scenario", "backend", "design", "policy", "vm", "tasks", "offlined",
-                         "exits", "faults", "events_path"]
+    assert list(out) == ["scenario", "backend", "profile", "design", "policy", "vm", "tasks",
+                         "offlined", "exits", "faults", "events_path"]
     assert (out["backend"], out["design"], out["vm"]) == ("kvm", "host", "completed")
+    assert out["profile"] == "faultline-vmm"  # the kvm backend is faultline's own VMM
     assert {t["fate"] for t in out["tasks"].values()} == {"exited"}
     assert {t["code"] for t in out["tasks"].values()} == {0}
     [fc] = [json.loads(line) for line in events.read_text().splitlines()

@@ -97,6 +97,15 @@ BAD: list[tuple[str, str, str]] = [
     ("unknown event action",
      BASE + '[[events]]\naction = "explode"\nfile = "dax0"\n',
      "events[0].action: unknown value 'explode'"),
+    ("unknown profile",
+     BASE + '[vm]\nprofile = "windows"\n',
+     "vm.profile: unknown value 'windows' (one of: linux-qemu, faultline-vmm)"),
+    ("unknown preemption model",
+     BASE + '[vm]\npreempt = "rt"\n',
+     "vm.preempt: unknown value 'rt'"),
+    ("unknown expectation profile",
+     BASE + '[[expect]]\nprofile = "qemu"\nvm = "completed"\n',
+     "expect[0].profile: unknown value 'qemu'"),
 ]
 
 
@@ -123,3 +132,19 @@ def test_cli_bad_scenario_exit_2_one_line_and_event_log(tmp_path: Path) -> None:
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "tasks[0].vcpu: vCPU 3 does not exist" in lines[0]
     assert events.exists() and '"kind": "error"' in events.read_text()
+
+
+def test_expectations_select_by_profile() -> None:
+    sc = loads(BASE + '[vm]\nprofile = "faultline-vmm"\npreempt = "full"\n'
+               '[[expect]]\nvm = "completed"\n'
+               '[[expect]]\nprofile = "linux-qemu"\nvm = "hung"\n')
+    assert (sc.profile, sc.preempt) == ("faultline-vmm", "full")
+    e = sc.expectation("model", "upstream", "mce", "linux-qemu")
+    assert e is not None and e.vm == "hung"
+    e = sc.expectation("model", "upstream", "mce", "faultline-vmm")
+    assert e is not None and e.vm == "completed"
+    # Without a profile, each backend's own: the kvm backend is faultline's VMM.
+    e = sc.expectation("kvm", "host", "mce")
+    assert e is not None and e.vm == "completed"
+    e = sc.expectation("model", "upstream", "mce")
+    assert e is not None and e.vm == "hung"
