@@ -7,69 +7,197 @@ Exit codes: 0 the outcome matches the scenario's expectation, 1 it does not, 2 b
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import math
 import os
+import re
 import signal
+import stat
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NoReturn
 
 from faultline.outcome import EventLog, Outcome, check
-from faultline.scenario import DESIGNS, POLICIES, ScenarioError, load
+from faultline.scenario import DESIGNS, POLICIES, ScenarioError, load, read_text
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+# A default log name keeps this much of the scenario's file name (NAME_MAX is 255).
+_STEM_CHARS = 64
 
 
-def _default_events(name: str, backend: str, design: str, policy: str) -> Path:
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (no usage dump), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"faultline: error: {message} (see: {self.prog} --help)\n")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (argparse type): rejects 0, negatives, nan and inf."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return v
+
+
+def _default_events(stem: str, backend: str, design: str, policy: str) -> Path:
+    """A new file under runs/ (or $FAULTLINE_RUNS) named after the run and unique to it:
+    two runs of one scenario at once never share a log."""
     root = Path(os.environ.get("FAULTLINE_RUNS", "runs"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root / f"{name}-{backend}-{design}-{policy}.jsonl"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the event log directory {root}: "
+                          f"{e.strerror or e}") from None
+    stem = re.sub(r"[^\w.-]", "_", stem)[:_STEM_CHARS] or "scenario"
+    base = f"{stem}-{backend}-{design}-{policy}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1000):
+        path = root / (f"{base}.jsonl" if n == 0 else f"{base}-{n}.jsonl")
+        try:  # claim the name atomically; the run's EventLog then writes it
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OutputError(f"cannot create an event log in {root}: "
+                              f"{e.strerror or e}") from None
+    raise OutputError(f"cannot create an event log in {root}: too many runs this second")
+
+
+class OutputError(Exception):
+    """An output path that cannot be written: one line, exit 2, before the run starts."""
+
+
+def open_output(path: str, what: str, *, regular: bool = False) -> IO[str]:
+    """Open an output file for a run before the run starts, so a bad path costs nothing.
+    The file is locked (flock) and only then truncated: a second run naming the same file
+    is refused instead of interleaving its lines into the first run's."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise OutputError(f"{what} {path}: is a directory")
+        if not p.parent.is_dir():
+            raise OutputError(f"{what} {path}: no such directory {str(p.parent)!r}")
+        if regular and p.exists() and not p.is_file():
+            raise OutputError(f"{what} {path}: not a regular file")
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:  # a name too long, a read-only mount, /proc, no permission
+        raise OutputError(f"{what} {path}: {e.strerror or e}") from None
+    fh = os.fdopen(fd, "w", buffering=1)
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise OutputError(f"{what} {path}: another faultline run is writing it") from None
+        os.ftruncate(fd, 0)
+    return fh
 
 
 def _err(msg: str) -> None:
     print(f"faultline: error: {msg}", file=sys.stderr)
 
 
+def _warn(msg: str) -> None:
+    print(f"faultline: warning: {msg}", file=sys.stderr)
+
+
+def _pick_backend(args: argparse.Namespace) -> str:
+    """``--backend auto`` is kvm where /dev/kvm works, except when an option only the
+    model has (a --design other than host, --seed, --replay) asks for the model."""
+    from faultline.backends import UsageError, resolve_backend
+
+    model_only = [o for o, v in (("--design", args.design not in (None, "host")),
+                                 ("--seed", args.seed is not None),
+                                 ("--replay", args.replay is not None)) if v]
+    if args.backend == "auto" and model_only:
+        return "model"
+    backend = resolve_backend(args.backend)
+    if backend == "kvm" and model_only:
+        raise UsageError(f"{model_only[0]} is for the model; the kvm backend runs this "
+                         "host's KVM (use --backend model)")
+    return backend
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from faultline.backends import UsageError, resolve_backend, run_scenario
+    """Exit 2 (bad input, one line) is decided before the run starts and leaves no event
+    log; every run that starts writes one (also when it is interrupted)."""
+    from faultline.backends import UsageError, run_scenario
     from faultline.model.simulate import ReplayError
     from faultline.vmm.runner import BackendError, Interrupted
 
-    stem = Path(args.scenario).stem
-    bad_backend: UsageError | None = None
     try:
-        backend = resolve_backend(args.backend)
-    except UsageError as e:
-        backend, bad_backend = args.backend, e
-    events_path = Path(args.events) if args.events else _default_events(
-        stem, backend, args.design or ("host" if backend == "kvm" else "default"),
-        args.policy or "default")
-    # The log exists before anything can fail: every run leaves one, bad input included.
-    log = EventLog(events_path, clock="us" if backend == "kvm" else "step")
+        backend = _pick_backend(args)
+        sc = load(args.scenario)
+        policy = args.policy if args.policy is not None else sc.policies[0]
+        if policy not in POLICIES:
+            raise UsageError(f"unknown policy {policy!r} (one of: {', '.join(POLICIES)})")
+        design = "host" if backend == "kvm" else (
+            args.design if args.design is not None else sc.design)
+        if backend == "model" and design not in DESIGNS:
+            raise UsageError(f"unknown design {design!r} (one of: {', '.join(DESIGNS)})")
+        kw: dict[str, Any] = (
+            {"watchdog_s": args.watchdog, "keep": args.keep} if backend == "kvm" else {})
+        if args.replay:
+            kw["schedule"] = _load_replay(args.replay, sc.name, design, policy, args.property)
+        if args.trace and _same_file(args.trace, args.scenario):
+            raise OutputError("--trace names the scenario file itself")
+        trace_fh = open_output(args.trace, "--trace", regular=True) if args.trace else None
+        try:
+            if args.events:
+                if args.trace and _same_file(args.events, args.trace):
+                    raise OutputError("--events and --trace name the same file")
+                if _same_file(args.events, args.scenario):
+                    raise OutputError("--events names the scenario file itself")
+                events_path = Path(args.events)
+                events_fh = open_output(args.events, "--events")
+            else:
+                events_path = _default_events(Path(args.scenario).stem, backend, design,
+                                              policy)
+                events_fh = open_output(str(events_path), "--events")
+        except OutputError:
+            if trace_fh is not None:
+                _discard(trace_fh, args.trace)
+            raise
+    except (ScenarioError, UsageError, OutputError) as e:
+        _err(str(e))
+        return EXIT_USAGE
+    log = EventLog(events_path, clock="us" if backend == "kvm" else "step", fh=events_fh)
     try:
         try:
-            if bad_backend is not None:
-                raise bad_backend
-            sc = load(args.scenario)
-            kvm_kw: dict[str, Any] = (
-                {"watchdog_s": args.watchdog, "keep": args.keep} if backend == "kvm" else {})
-            if args.replay:
-                if backend != "model":
-                    raise UsageError("--replay runs a checker trace through the model: "
-                                     "add --backend model")
-                kvm_kw["schedule"] = _load_replay(args.replay)
-            outcome = run_scenario(sc, backend=backend, design=args.design,
-                                   policy=args.policy, log=log, seed=args.seed, **kvm_kw)
-        except (ScenarioError, UsageError, BackendError, ReplayError) as e:
-            log.emit("error", error=str(e))
+            outcome = run_scenario(sc, backend=backend, design=design, policy=policy,
+                                   log=log, seed=args.seed, **kw)
+        except (UsageError, BackendError, ReplayError) as e:
+            # refused once the run had begun (e.g. poison on this host): still bad input
+            log.close()
+            _discard(events_fh, str(events_path))
+            if trace_fh is not None:
+                _discard(trace_fh, args.trace)
             _err(str(e))
             return EXIT_USAGE
         except Interrupted as e:
             # The outcome so far (vm aborted, reason interrupted) is in the log already.
             e.outcome.events_path = str(events_path)
+            log.close()
             _print_outcome(e.outcome, log, args, [])
             _err("interrupted")
             return EXIT_INTERRUPTED
@@ -80,21 +208,63 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         log.close()
         if log.write_error:  # the run went on; its log file is incomplete
-            print(f"faultline: warning: event log not fully written: {log.write_error}",
-                  file=sys.stderr)
+            _warn(f"event log not fully written: {log.write_error}")
     outcome.events_path = str(events_path)
     problems = check(outcome, sc)
     _print_outcome(outcome, log, args, problems)
-    if getattr(args, "trace", None):
+    _after_run(sc, outcome, log, args)
+    if trace_fh is not None:
         from faultline import trace
 
-        trace.write(args.trace, log.events, [t.name for t in sc.tasks])
+        try:
+            with trace_fh:
+                trace.dump(trace_fh, log.events, [t.name for t in sc.tasks])
+        except OSError as e:
+            _err(f"--trace {args.trace}: {e.strerror or e}")
+            return EXIT_USAGE
     return EXIT_MISMATCH if problems else EXIT_OK
+
+
+def _after_run(sc: Any, outcome: Outcome, log: EventLog, args: argparse.Namespace) -> None:
+    """What a person must be told once the run is over: host events whose trigger was
+    never reached, where a kept run directory is."""
+    from faultline.trace import HOST_CHANGES
+
+    fired = sum(1 for ev in log.events if ev.get("kind") in HOST_CHANGES)
+    if fired < len(sc.events):
+        missing = ", ".join(f"events[{e.index}] after {e.trigger}" for e in sc.events
+                            if e.trigger.task is not None)
+        _warn(f"{len(sc.events) - fired} of {len(sc.events)} host events never fired "
+              f"(their trigger was not reached; triggers: {missing or 'start'})")
+    if log.dropped:
+        _warn(f"event log capped: {sum(log.dropped.values())} repeated events dropped "
+              f"({', '.join(f'{k}={n}' for k, n in sorted(log.dropped.items()))})")
+    if getattr(args, "keep", False) and outcome.backend == "kvm":
+        run_dir = next((ev.get("run_dir") for ev in log.events
+                        if ev.get("kind") == "vm_create"), None)
+        if run_dir:
+            print(f"faultline: run directory kept: {run_dir}", file=sys.stderr)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet), or cannot be looked at
+        return Path(os.path.abspath(a)) == Path(os.path.abspath(b))
+
+
+def _discard(fh: IO[str], path: str) -> None:
+    """Close an output file of a run that never ran; remove it if it is a regular file
+    (a run refused as bad input leaves no file named after it)."""
+    with contextlib.suppress(OSError):
+        fh.close()  # (the event log may have closed it already)
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
 
 
 def cmd_conform(args: argparse.Namespace) -> int:
     """Run scenarios on kvm and on the model (memory-fault-exit, APF off); exit 1 on any
-    difference."""
+    difference, 130 when interrupted (the pairs compared so far are printed)."""
     from faultline import conform
 
     try:
@@ -103,29 +273,63 @@ def cmd_conform(args: argparse.Namespace) -> int:
         _err(str(e))
         return EXIT_USAGE
     root = Path(os.environ.get("FAULTLINE_RUNS", "runs"))
-    try:
-        results = conform.conform(scenarios, events_dir=root)
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return EXIT_INTERRUPTED
+    run = conform.conform_interruptible(scenarios, events_dir=root,
+                                        progress=not args.json and sys.stderr.isatty())
     if args.json:
-        print(conform.dumps(results))
+        print(conform.dumps(run.results))
     else:
-        conform.render(results)
-    return EXIT_MISMATCH if any(not c.ok for c in results) else EXIT_OK
+        conform.render(run.results)
+    if run.interrupted:
+        _err(f"interrupted: {len(run.results)} of {run.total} scenario x policy pairs "
+             "compared")
+        return EXIT_INTERRUPTED
+    return EXIT_MISMATCH if any(not c.ok for c in run.results) else EXIT_OK
 
 
-def _load_replay(path: str) -> list[str]:
-    """Action names from a checker counterexample (a step list, or a property/cell dict
-    holding one); anything else is bad input."""
+def _load_replay(path: str, scenario: str, design: str, policy: str,
+                 prop: str | None) -> list[str]:
+    """Action names from a checker counterexample: a step list, a property or cell dict
+    holding one, or a whole ``check --json`` matrix (the cell is the run's scenario,
+    design and policy; the property is ``--property``, or the cell's only failing one)."""
     from faultline.backends import UsageError
     from faultline.check.replay import load_trace
 
+    def bad(why: str) -> UsageError:
+        return UsageError(f"--replay {path}: {why}")
+
     try:
-        steps = load_trace(Path(path))
-        return [str(st["action"]) for st in steps]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{path}: not a faultline trace ({e})") from None
+        data: Any = json.loads(read_text(Path(path), path))
+    except ValueError as e:
+        raise bad(f"not JSON ({e})") from None
+    except ScenarioError as e:
+        raise bad(e.message) from None
+    if isinstance(data, dict) and isinstance(data.get("cells"), list):
+        cells = [c for c in data["cells"] if isinstance(c, dict)
+                 and (c.get("scenario"), c.get("design"), c.get("policy"))
+                 == (scenario, design, policy)]
+        if not cells:
+            raise bad(f"no cell for scenario {scenario}, design {design}, policy {policy} "
+                      "(choose them with --design and --policy)")
+        data = cells[0]
+    if isinstance(data, dict) and isinstance(data.get("properties"), dict):
+        props = data["properties"]
+        failing = [n for n, p in props.items()
+                   if isinstance(p, dict) and p.get("counterexample")]
+        if prop is None:
+            if len(failing) != 1:
+                raise bad(f"say which counterexample with --property (failing: "
+                          f"{', '.join(failing) or 'none'})")
+            prop = failing[0]
+        if prop not in failing:
+            raise bad(f"property {prop!r} has no counterexample in this cell (failing: "
+                      f"{', '.join(failing) or 'none'})")
+        data = props[prop]
+    if not isinstance(data, (list, dict)):
+        raise bad("not a faultline trace (expected a list of steps)")
+    try:
+        return [str(st["action"]) for st in load_trace(data)]
+    except (ValueError, KeyError, TypeError) as e:
+        raise bad(f"not a faultline trace ({e})") from None
 
 
 def _print_outcome(outcome: Outcome, log: EventLog, args: argparse.Namespace,
@@ -140,10 +344,22 @@ def _print_outcome(outcome: Outcome, log: EventLog, args: argparse.Namespace,
         print(f"faultline: expectation not met: {p}", file=sys.stderr)
 
 
+VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
+
+
+def vendor_module(sys_module: Path = Path("/sys/module")) -> str:
+    """Which vendor module provides /dev/kvm: /sys/module lists built-in modules too,
+    where /proc/modules lists only loadable ones."""
+    for m in VENDOR_MODULES:
+        if (sys_module / m).is_dir():
+            return m
+    return "none found"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from faultline.kvm import Kvm, KvmError, uapi
 
-    info: dict[str, object] = {}
+    info: dict[str, Any] = {}
     try:
         with Kvm() as k:
             caps = {name: k.check_extension(getattr(uapi, name)) for name in (
@@ -156,15 +372,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     except (KvmError, OSError) as e:
         info = {"kvm": False, "error": str(e)}
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    hw = " vmx" in cpuinfo or " svm" in cpuinfo
-    modules = Path("/proc/modules").read_text() if Path("/proc/modules").exists() else ""
-    info["vendor_module"] = next((m for m in ("kvm_intel", "kvm_amd", "kvm_pvm")
-                                  if m in modules), "unknown")
-    info["guests_emulated"] = not hw
+    info["vendor_module"] = vendor_module()
+    info["guests_emulated"] = not (" vmx" in cpuinfo or " svm" in cpuinfo)
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
-        for key, val in info.items():
+        return EXIT_OK
+    for key, val in info.items():
+        if isinstance(val, dict):  # one line per capability, not a Python dict
+            print(key)
+            for k2, v2 in val.items():
+                print(f"  {k2:<28} {v2}")
+        else:
             print(f"{key:<18} {val}")
     return EXIT_OK
 
@@ -176,7 +394,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(scenario=str(SCENARIOS / "dax-truncate.toml"), backend=backend,
                             design=None if backend == "kvm" else "error-gfn", policy="mce",
                             json=False, events=args.events, seed=None, verbose=False,
-                            watchdog=10.0, keep=False, replay=None)
+                            watchdog=10.0, keep=False, replay=None, property=None,
+                            trace=None)
     print(f"faultline demo: scenarios/dax-truncate.toml on {backend}"
           + (" (design error-gfn: /dev/kvm is not usable here)" if backend == "model" else "")
           + ", policy mce\n")
@@ -184,43 +403,69 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="faultline", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = Parser(prog="faultline", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="run a scenario on kvm or on the model")
-    r.add_argument("scenario")
-    r.add_argument("--backend", default="auto", help="kvm | model | auto (default)")
-    r.add_argument("--design", help=f"model only: {' | '.join(DESIGNS)}")
+    r = sub.add_parser("run", help="run a scenario on kvm or on the model",
+                       description="Run one scenario and print its timeline and outcome. "
+                       "Exit 0: the outcome matches the scenario's [[expect]]; 1: it does "
+                       "not; 2: bad input (nothing ran, no event log); 130: interrupted.")
+    r.add_argument("scenario", help="a scenario TOML file (docs/scenarios.md)")
+    r.add_argument("--backend", default="auto",
+                   help="kvm | model | auto (default: kvm where /dev/kvm works, the model "
+                        "when --design, --seed or --replay ask for it)")
+    r.add_argument("--design", help=f"model only: {' | '.join(DESIGNS)} (default: the "
+                                    "scenario's)")
     r.add_argument("--policy", help=f"{' | '.join(POLICIES)} (default: the scenario's first)")
-    r.add_argument("--json", action="store_true", help="print the outcome as JSON")
-    r.add_argument("--events", help="where to write the JSON-lines event log")
-    r.add_argument("--seed", type=int, help="model: a seeded random schedule")
-    r.add_argument("--watchdog", type=float, default=10.0,
-                   help="kvm: seconds without progress before the run is declared hung")
+    r.add_argument("--json", action="store_true",
+                   help="print the outcome as JSON instead of the timeline")
+    r.add_argument("--events", metavar="FILE",
+                   help="write the JSON-lines event log here (default: a new file under "
+                        "runs/ or $FAULTLINE_RUNS, named after scenario, backend, design, "
+                        "policy and time)")
+    r.add_argument("--seed", type=int,
+                   help="model only: a seeded random schedule instead of round-robin")
+    r.add_argument("--watchdog", type=positive_float, default=10.0, metavar="SECONDS",
+                   help="kvm: seconds without progress before the run is declared hung "
+                        "(default 10)")
     r.add_argument("--replay", metavar="TRACE.json",
-                   help="model: follow a checker counterexample, then finish the run")
+                   help="model: follow a checker counterexample (a trace, or the whole "
+                        "`check --json` output), then finish the run")
+    r.add_argument("--property", metavar="NAME",
+                   help="with --replay of a check result: whose counterexample (default: "
+                        "the cell's only failing property)")
     r.add_argument("--keep", action="store_true",
-                   help="kvm: keep the run directory (backing files) after the run")
-    r.add_argument("-v", "--verbose", action="store_true", help="show every event")
+                   help="kvm: keep the run directory with the backing files (its path is "
+                        "printed on stderr)")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="show every event, also boot, memslots and serial output")
     r.add_argument("--trace", metavar="FILE",
-                   help="also write a Chrome/Perfetto trace (JSON trace-event format)")
+                   help="also write a Chrome/Perfetto trace of the run (JSON trace-event "
+                        "format)")
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("conform", help="same scenarios on kvm and on the model: compare")
+    c = sub.add_parser("conform", help="same scenarios on kvm and on the model: compare",
+                       description="Run each scenario on kvm and on the model "
+                       "(memory-fault-exit, APF off) and compare the outcomes field by "
+                       "field. Exit 1 on any difference, 130 when interrupted.")
     c.add_argument("scenarios", nargs="*", help="scenario files (default: the whole corpus)")
     c.add_argument("--json", action="store_true", help="print the comparisons as JSON")
     c.set_defaults(func=cmd_conform)
 
-    i = sub.add_parser("info", help="what KVM offers on this host")
-    i.add_argument("--json", action="store_true")
+    i = sub.add_parser("info", help="what KVM offers on this host",
+                       description="KVM availability, API version, capabilities, MCE "
+                       "capabilities, vendor module, whether guests are emulated.")
+    i.add_argument("--json", action="store_true", help="print as JSON")
     i.set_defaults(func=cmd_info)
 
     from faultline.check.cli import add_parser as add_check_parser
 
     add_check_parser(sub)
 
-    d = sub.add_parser("demo", help="the DAX-truncation scenario, end to end")
-    d.add_argument("--events", help="where to write the event log")
+    d = sub.add_parser("demo", help="the DAX-truncation scenario, end to end",
+                       description="scenarios/dax-truncate.toml with policy mce: on kvm "
+                       "where /dev/kvm works, else on the model (design error-gfn).")
+    d.add_argument("--events", metavar="FILE", help="where to write the event log")
     d.set_defaults(func=cmd_demo)
 
     __import__("faultline.bench.cli", fromlist=["add_parser"]).add_parser(sub)
@@ -233,15 +478,21 @@ def _sigterm(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread():
+        # Explicitly, also for SIGINT: a parent that ignores it (a script's background job)
+        # passes SIG_IGN on, and Python then leaves it ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _sigterm)
     try:
+        args = parser.parse_args(argv)
         return int(args.func(args))
     except KeyboardInterrupt:
         _err("interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
+        # stdout closed early (| head): nothing more to say, and nothing to flush at exit
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
 
 

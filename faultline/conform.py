@@ -263,6 +263,46 @@ def conform(scenarios: Iterable[Scenario], *, policies: Sequence[str] | None = N
     return out
 
 
+@dataclass
+class ConformRun:
+    results: list[Comparison]
+    total: int  # pairs asked for
+    interrupted: bool = False
+
+
+def conform_interruptible(scenarios: Sequence[Scenario], *,
+                          policies: Sequence[str] | None = None,
+                          events_dir: Path | None = None,
+                          progress: bool = False) -> ConformRun:
+    """As :func:`conform`, but Ctrl-C (or SIGTERM) stops it at once and keeps the pairs
+    compared so far; ``progress`` shows a progress bar on stderr (for a terminal)."""
+    from faultline.vmm.runner import Interrupted
+
+    pairs = [(sc, p) for sc in scenarios for p in (policies or sc.policies)]
+    run = ConformRun([], len(pairs))
+    bar: Any = None
+    if progress:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        bar = Progress(console=Console(stderr=True), transient=True)
+        bar.start()
+        task = bar.add_task("conform", total=len(pairs))
+    try:
+        for sc, policy in pairs:
+            if bar is not None:
+                bar.update(task, description=f"{sc.name} [{policy}]")
+            run.results.append(compare_pair(sc, policy, events_dir=events_dir))
+            if bar is not None:
+                bar.advance(task)
+    except (KeyboardInterrupt, Interrupted):
+        run.interrupted = True
+    finally:
+        if bar is not None:
+            bar.stop()
+    return run
+
+
 def load_all(paths: Sequence[str | Path]) -> list[Scenario]:
     return [load(p) for p in (paths or corpus())]
 
@@ -283,12 +323,11 @@ def _tasks_cell(v: dict[str, Any]) -> str:
 
 def render(comparisons: Sequence[Comparison], console: Any = None) -> None:
     """A table (one row per scenario x policy) and, below it, every difference."""
-    from rich.console import Console
     from rich.table import Table
 
-    con = console or Console(highlight=False)
-    if not con.is_terminal:
-        con.width = max(con.width, 170)  # a log or a pipe: do not fold the table to 80
+    from faultline.timeline import make_console
+
+    con = console or make_console()  # a log or a pipe: the table is not folded to 80
     table = Table(title="faultline conform: kvm (this host) vs model (memory-fault-exit, "
                         "APF off)", show_lines=False)
     for col in ("scenario", "policy", "vm", "tasks", "offlined", "exits", "faults", "result"):

@@ -168,13 +168,30 @@ class EventLog:
     fields afterwards, on the writer thread, or at ``flush`` when there is no file: the
     VMM's diagnostic work on a fault (the /proc/self/maps cross-check, the record) then
     overlaps the guest's handling of the injected event instead of delaying it.
+
+    Bounded: a guest that loops for hours must not grow the log (and the timeline) without
+    end. After ``max_repeats`` events of one (kind, vCPU, task) -- a task's steps, its
+    reports -- further ones are dropped and counted (one ``log_capped`` event says where it
+    started); past ``max_events`` every event is, except the few that end a run
+    (``_ALWAYS``). ``close`` writes the counts as one ``log_dropped`` event, as the model
+    writes a livelock's cycle once.
     """
 
     _STOP = object()
+    MAX_REPEATS = 2_000
+    MAX_EVENTS = 200_000
+    _ALWAYS = frozenset({"outcome", "vm_stop", "vm_abort", "vm_hung", "error", "model_end",
+                         "livelock", "deadlock", "step_limit", "guest_panic", "log_capped",
+                         "log_dropped", "file_check", "events_unfired"})
 
-    def __init__(self, path: str | Path | None, *, clock: str = "us") -> None:
+    def __init__(self, path: str | Path | None, *, clock: str = "us",
+                 max_repeats: int = MAX_REPEATS, max_events: int = MAX_EVENTS,
+                 fh: IO[str] | None = None) -> None:
+        """``fh``: the file at ``path`` already open (the CLI opens and locks it before
+        the run starts); the log closes it."""
         self.path = str(path) if path is not None else ""
-        self._fh: IO[str] | None = open(path, "w", buffering=1) if path else None
+        self._fh: IO[str] | None = fh if fh is not None else (
+            open(path, "w", buffering=1) if path else None)
         self._lock = threading.Lock()
         self._t0 = time.monotonic_ns()
         self._clock = clock  # "us": wall microseconds (kvm); "step": model step numbers
@@ -184,6 +201,10 @@ class EventLog:
         self._later: list[tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = []
         self._writer: threading.Thread | None = None
         self.write_error: str | None = None  # why the file stopped being written, if it did
+        self._max_repeats, self._max_events = max_repeats, max_events
+        self._repeats: dict[tuple[str, int | None, str | None], int] = {}
+        self.dropped: dict[str, int] = {}  # kind -> events not kept (see the class doc)
+        self._summarised = False
         if self._fh is not None:
             self._writer = threading.Thread(target=self._write_loop, name="eventlog",
                                             daemon=True)
@@ -191,8 +212,16 @@ class EventLog:
 
     def emit(self, kind: str, *, vcpu: int | None = None, task: str | None = None,
              **fields: Any) -> dict[str, Any]:
+        if kind == "outcome":  # the counts go before the run's last line
+            self._summarise_drops()
         with self._lock:
             events = self.events
+            key = (kind, vcpu, task)
+            n = self._repeats.get(key, 0) + 1
+            self._repeats[key] = n
+            if (n > self._max_repeats or len(events) >= self._max_events) \
+                    and kind not in self._ALWAYS:
+                return self._drop(kind, vcpu, task, n, fields)
             # one dict display in the written key order: emit is on the fault path
             ev: dict[str, Any] = {
                 "seq": len(events), "t_us": (time.monotonic_ns() - self._t0) // 1000,
@@ -203,6 +232,33 @@ class EventLog:
             if self._writer is not None:
                 self._q.put(ev)
             return ev
+
+    def _summarise_drops(self) -> None:
+        if self.dropped and not self._summarised:
+            self._summarised = True
+            self.emit("log_dropped", counts=dict(self.dropped))
+
+    def _drop(self, kind: str, vcpu: int | None, task: str | None, n: int,
+              fields: dict[str, Any]) -> dict[str, Any]:
+        """Count a dropped event (lock held); the caller still gets a dict to read."""
+        first = kind not in self.dropped
+        self.dropped[kind] = self.dropped.get(kind, 0) + 1
+        if first:
+            events = self.events
+            ev = self._stamp("log_capped", None, None, len(events))
+            ev.update(dropping=kind, vcpu_of=vcpu, task_of=task,
+                      after=n - 1 if n > self._max_repeats else len(events))
+            events.append(ev)
+            if self._writer is not None:
+                self._q.put(ev)
+        return {"kind": kind, "vcpu": vcpu, "task": task, **fields}
+
+    def _stamp(self, kind: str, vcpu: int | None, task: str | None, seq: int
+               ) -> dict[str, Any]:
+        if self._clock == "us":
+            return {"seq": seq, "t_us": (time.monotonic_ns() - self._t0) // 1000,
+                    "vcpu": vcpu, "task": task, "kind": kind}
+        return {"seq": seq, "step": self.step, "vcpu": vcpu, "task": task, "kind": kind}
 
     def emit_later(self, kind: str, fill: Callable[[], dict[str, Any]], *,
                    vcpu: int | None = None, task: str | None = None) -> dict[str, Any]:
@@ -284,6 +340,7 @@ class EventLog:
                     break
 
     def close(self) -> None:
+        self._summarise_drops()
         with self._lock:
             writer, self._writer = self._writer, None
         if writer is not None:

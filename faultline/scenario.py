@@ -7,7 +7,9 @@ one line and exit 2.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -32,6 +34,9 @@ VM_STATES = ("completed", "aborted", "hung")
 MAX_FILE_BYTES = 1 << 40
 MAX_VCPUS = 8
 MAX_TASKS = 64
+# A scenario is a few KiB of TOML; the largest legal one (64 tasks of 256 instructions) is
+# well under this. Anything bigger is refused before it is read.
+MAX_SCENARIO_BYTES = 1 << 20
 
 
 class ScenarioError(Exception):
@@ -328,13 +333,48 @@ def load(path: str | Path) -> Scenario:
     """Read and validate a scenario file."""
     p = Path(path)
     source = str(path)
+    return loads(read_text(p, source), source=source, default_name=p.stem)
+
+
+def read_text(p: Path, source: str) -> str:
+    """The file's text, read with bounded memory: a regular file of at most
+    MAX_SCENARIO_BYTES, or a FIFO (a shell's ``<(...)``) read up to that limit. Devices
+    (/dev/zero, /dev/urandom), directories and sockets are refused before any read."""
     try:
-        text = p.read_text()
+        # O_NONBLOCK: opening a FIFO with no writer must not block; cleared before reading.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ScenarioError(source, "", f"cannot read: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            if st.st_size > MAX_SCENARIO_BYTES:
+                raise ScenarioError(source, "", f"{st.st_size} bytes: a scenario file is at "
+                                                f"most {MAX_SCENARIO_BYTES} bytes")
+        elif not stat.S_ISFIFO(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ScenarioError(source, "", f"cannot read: {kind}")
+        os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError as e:
+                raise ScenarioError(source, "", f"cannot read: {e.strerror or e}") from None
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > MAX_SCENARIO_BYTES:  # a file that grew, or an endless FIFO
+                raise ScenarioError(source, "", f"more than {MAX_SCENARIO_BYTES} bytes: a "
+                                                "scenario file is at most that")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    try:
+        return b"".join(chunks).decode()
     except UnicodeDecodeError:
         raise ScenarioError(source, "", "not a UTF-8 text file") from None
-    return loads(text, source=source, default_name=p.stem)
 
 
 def loads(text: str, *, source: str = "<scenario>", default_name: str = "scenario") -> Scenario:
@@ -370,9 +410,11 @@ def from_dict(raw: dict[str, Any], *, source: str = "<scenario>",
     by_name = {f.name: f for f in files}
     tasks = _parse_tasks(source, _list(source, "tasks", raw.get("tasks", [])), vcpus, by_name,
                          ram_bytes)
-    task_names = {t.name for t in tasks}
+    if not tasks:
+        raise ScenarioError(source, "tasks", "no task: a scenario runs at least one "
+                                             "[[tasks]] entry")
     events = _parse_events(source, _list(source, "events", raw.get("events", [])), by_name,
-                           task_names)
+                           {t.name: t for t in tasks})
     expectations = tuple(
         _parse_expect(source, f"expect[{i}]", e, by_name, {t.name: t for t in tasks})
         for i, e in enumerate(_list(source, "expect", raw.get("expect", [])))
@@ -402,6 +444,12 @@ def _parse_files(source: str, items: list[Any], ram_bytes: int) -> tuple[FileSpe
         else:
             pattern = _str(source, f"{key}.pattern", pattern_text, PATTERNS)
         default_window = -(-max(size, abi.PAGE_SIZE) // abi.PAGE_SIZE) * abi.PAGE_SIZE
+        if "window_size" not in t and default_window > abi.USER_WINDOW_STRIDE:
+            # the window is sized after the file: say which key is too big
+            raise ScenarioError(source, f"{key}.size",
+                                f"{size:#x} bytes is more than a window maps "
+                                f"({abi.USER_WINDOW_STRIDE:#x}); give a smaller size or a "
+                                "window_size")
         window_bytes = _size(source, f"{key}.window_size", t.get("window_size", default_window))
         if window_bytes == 0 or window_bytes % abi.PAGE_SIZE:
             raise ScenarioError(source, f"{key}.window_size", "must be a non-zero page multiple")
@@ -670,7 +718,7 @@ def file_contents(f: FileSpec) -> bytes:
 
 
 def _parse_events(source: str, items: list[Any], files: dict[str, FileSpec],
-                  tasks: set[str]) -> tuple[HostEvent, ...]:
+                  tasks: dict[str, TaskSpec]) -> tuple[HostEvent, ...]:
     events: list[HostEvent] = []
     for i, item in enumerate(items):
         key = f"events[{i}]"
@@ -701,6 +749,13 @@ def _parse_events(source: str, items: list[Any], files: dict[str, FileSpec],
                                     f"expected 'start' or 'TASK:STEP' (STEP >= 1), got {after!r}")
             if tname not in tasks:
                 raise ScenarioError(source, f"{key}.after", f"trigger names unknown task {tname!r}")
+            prog = tasks[tname].program
+            # Without a loop a task completes at most one step per instruction, so a later
+            # step never comes and the event would silently never fire.
+            if int(step) > len(prog) and not any(i.op == abi.OP_LOOP for i in prog):
+                raise ScenarioError(source, f"{key}.after",
+                                    f"{after!r} never fires: task {tname!r} has "
+                                    f"{len(prog)} instructions and no loop")
             trig = Trigger(tname, int(step))
         by = _str(source, f"{key}.by", t.get("by", "runner"), ("runner", "subprocess"))
         events.append(HostEvent(i, action, fname, size, offset, length, value, trig, by))

@@ -3,6 +3,7 @@ detail), the resolution line highlighted. Readable without colour (NO_COLOR, not
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,6 +28,22 @@ _STYLE = {
     "task_exit": "green",
 }
 _SKIP_FIELDS = {"seq", "t_us", "step", "vcpu", "task", "kind", "line"}
+
+
+# A pipe or a file has no width: rich would assume 80 columns and fold tables and long
+# lines for a script to unfold. Wide enough for any table we print.
+PIPE_WIDTH = 1000
+# On an endless run (interrupted, or capped) the default timeline shows the first and the
+# last events, not all of them: the event log has them all.
+MAX_LINES = 2_000
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console that does not fold output when it is not a terminal (COLUMNS wins)."""
+    con = Console(highlight=False, stderr=stderr)
+    if not con.is_terminal and "COLUMNS" not in os.environ:
+        con.width = PIPE_WIDTH
+    return con
 
 
 RESOLVE_MARK = ">>"  # marks the resolution line without colour (NO_COLOR, a pipe)
@@ -60,14 +77,24 @@ def _detail(ev: dict[str, Any]) -> str:
 
 
 def render(events: Iterable[dict[str, Any]], outcome: Outcome | None = None, *,
-           console: Console | None = None, verbose: bool = False) -> None:
-    con = console or Console(highlight=False)
+           console: Console | None = None, verbose: bool = False,
+           max_lines: int = MAX_LINES) -> None:
+    con = console or make_console()
     shown = [ev for ev in events if verbose or str(ev.get("kind", "?")) not in _QUIET]
+    cut = 0
+    if len(shown) > max_lines:
+        cut = len(shown) - max_lines
+        shown = [*shown[:max_lines // 2], {"kind": "...", "cut": cut},
+                 *shown[-(max_lines // 2):]]
     # Column widths from the events themselves, so long kernel-style names stay aligned.
     task_w = max([10, *(len(str(ev.get("task") or "")) for ev in shown)])
     kind_w = max([22, *(len(str(ev.get("kind", "?"))) for ev in shown)])
     for ev in shown:
         kind = str(ev.get("kind", "?"))
+        if kind == "...":
+            con.print(f"   ... {ev['cut']} events not shown (the event log has them all)",
+                      style="dim")
+            continue
         if "t_us" in ev:
             when = f"{ev['t_us'] / 1000:9.3f}ms"
         else:
@@ -91,18 +118,19 @@ def summary(outcome: Outcome, con: Console) -> None:
         head.append(f" ({outcome.reason})")
     head.append(f"   backend {outcome.backend}, design {outcome.design}, "
                 f"policy {outcome.policy}")
-    con.print(head)
+    con.print(head, soft_wrap=True)
     for name, t in outcome.tasks.items():
         desc = t.fate
         if t.code is not None:
             desc += f" code {t.code}"
         if t.signal is not None:
             desc += f" {t.signal.code} at {t.signal.vaddr:#x}"
-        con.print(f"  task {name:<12} {desc}")
+        con.print(f"  task {name:<12} {desc}", soft_wrap=True)
     if outcome.offlined:
-        con.print("  offlined: " + ", ".join(hex(g) for g in sorted(outcome.offlined)))
+        con.print("  offlined: " + ", ".join(hex(g) for g in sorted(outcome.offlined)),
+                  soft_wrap=True)
     exits = ", ".join(f"{k}={v}" for k, v in sorted(outcome.exits.items()))
-    con.print(f"  exits: {exits or 'none'}")
+    con.print(f"  exits: {exits or 'none'}", soft_wrap=True)
     for f in outcome.faults:
         con.print(f"  fault ({f.source}): {f.line()}", soft_wrap=True)
-    con.print(f"  events: {outcome.events_path}")
+    con.print(f"  events: {outcome.events_path}", soft_wrap=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 STEP_US = 100
 PID = 1
@@ -34,7 +34,9 @@ _VCPU_BASE, _TASK_BASE = 10, 100
 # Events drawn on the host / KVM track (the model's KVM internals and host changes).
 _HOST_PREFIXES = ("host_", "kvm_try_", "kvm_async_pf", "kvm_arch_async", "kvm_add_error",
                   "kvm_find_and_remove", "kvm_make_request", "kvm_apf", "kvm_handle_error_pfn")
-_HOST_CHANGES = ("host_event", "host_truncate", "host_extend", "host_punch_hole",
+# Events that record one host change to a backing file (kvm: host_event; the model: one
+# kind per action): one per [[events]] entry that fired.
+HOST_CHANGES = ("host_event", "host_truncate", "host_extend", "host_punch_hole",
                  "host_memory_failure", "host_write")
 _INJECT = ("vmm_inject_mce", "vmm_notify", "vmm_inject_irq")
 _GUEST_HANDLERS = ("guest_mce", "guest_notify")
@@ -172,7 +174,7 @@ def build(events: Iterable[dict[str, Any]], tasks: Sequence[str] = ()) -> dict[s
                           "signal" if kind != "task_exit" else "exit", args)
             if isinstance(v, int):
                 vcpu_mark[v] = t
-        elif kind in _HOST_CHANGES:
+        elif kind in HOST_CHANGES:
             b.instant(TID_HOST, f"{ev.get('action', kind)} {ev.get('file', '')}".strip(), t,
                       "host", args)
         elif kind == "kvm_handle_error_pfn":
@@ -259,7 +261,15 @@ def build(events: Iterable[dict[str, Any]], tasks: Sequence[str] = ()) -> dict[s
 
 
 def write(path: str | Path, events: Iterable[dict[str, Any]], tasks: Sequence[str] = ()) -> None:
-    Path(path).write_text(json.dumps(build(events, tasks)))
+    with open(path, "w") as fh:
+        dump(fh, events, tasks)
+
+
+def dump(fh: IO[str], events: Iterable[dict[str, Any]], tasks: Sequence[str] = ()) -> None:
+    """The trace to an open file (the CLI opens it before the run, so a bad path is
+    reported before anything runs). Raises OSError on a failed write (a full disk)."""
+    json.dump(build(events, tasks), fh)
+    fh.flush()
 
 
 def load_events(path: str | Path) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
 """``faultline check [SCENARIO ...] [--design D ...] [--policy P ...] [--json] [--workers N]
-[--max-states N] [--timeout S] [--trace PROPERTY]``.
+[--max-states N] [--timeout S] [--counterexample PROPERTY]``.
 
 Exit codes: 0 the matrix was checked (failing properties are results, not errors), 2 bad
-input, 3 an internal error. Incomplete cells (a bound was hit) are shown as "?".
+input, 3 an internal error, 130 interrupted (the cells finished so far are printed).
+A cell where a bound was hit is "incomplete", never "ok".
 """
 
 from __future__ import annotations
@@ -18,52 +19,94 @@ from faultline.scenario import DESIGNS, POLICIES, ScenarioError, load
 DEFAULT_SCENARIO = Path(__file__).resolve().parents[2] / "scenarios" / "check-standard.toml"
 
 
+class _Several(argparse.Action):
+    """``--design upstream request`` and ``--design upstream,request`` and a repeated
+    ``--design``: all the same. A value that is a scenario file (the option swallowed it)
+    goes back to the scenarios."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        chosen = list(getattr(namespace, self.dest) or [])
+        extra = list(getattr(namespace, "more_scenarios", None) or [])
+        what = self.dest
+        names = DESIGNS if what == "design" else POLICIES
+        for v in values:
+            for item in str(v).split(","):
+                if item in names:
+                    chosen.append(item)
+                elif item.endswith(".toml") or Path(item).is_file():
+                    extra.append(item)
+                else:
+                    parser.error(f"unknown {what} {item!r} (one of: {', '.join(names)})")
+        setattr(namespace, self.dest, chosen)
+        namespace.more_scenarios = extra
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("check", help="exhaustively check the model (design x policy)",
-                              description=__doc__.split("\n\n")[0])
+    from faultline.cli import positive_float, positive_int
+
+    p = subparsers.add_parser(
+        "check", help="exhaustively check the model (design x policy)",
+        description="Explore every schedule of the model for each design x policy cell and "
+        "print the properties that fail. Exit 0 when the matrix was checked, 2 for bad "
+        "input, 130 when interrupted. A cell where a bound (--max-states, --timeout) was "
+        "hit is shown as incomplete.")
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                    help=f"scenario TOML files (default: {DEFAULT_SCENARIO.name})")
-    p.add_argument("--design", action="append", choices=DESIGNS, help="repeatable")
-    p.add_argument("--policy", action="append", choices=POLICIES, help="repeatable")
-    p.add_argument("--json", action="store_true", help="print the matrix as JSON")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
-    p.add_argument("--max-states", type=int, default=5_000_000)
-    p.add_argument("--timeout", type=float, default=None, help="seconds per cell")
-    p.add_argument("--trace", action="append", default=[], metavar="PROPERTY",
-                   help="print the counterexample of PROPERTY for every failing cell")
+    p.add_argument("--design", nargs="+", action=_Several, metavar="DESIGN",
+                   help=f"one or more of: {', '.join(DESIGNS)} "
+                                         "(default: all)")
+    p.add_argument("--policy", nargs="+", action=_Several, metavar="POLICY",
+                   help=f"one or more of: {', '.join(POLICIES)} "
+                                          "(default: all)")
+    p.add_argument("--json", action="store_true",
+                   help="print the matrix as JSON (run --replay takes this file)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="worker processes (default: all CPUs)")
+    p.add_argument("--max-states", type=positive_int, default=5_000_000, metavar="N",
+                   help="stop exploring a cell after N states (default 5000000)")
+    p.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help="stop exploring a cell after this long (default: no limit)")
+    p.add_argument("--counterexample", action="append", default=[], metavar="PROPERTY",
+                   help="print the shortest counterexample of PROPERTY in every cell where "
+                        "it fails (repeatable)")
     p.set_defaults(func=main)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     from faultline.check.matrix import check_matrix, render
-    from faultline.check.properties import format_counterexample
+    from faultline.check.properties import PROPERTIES, format_counterexample
 
-    paths = [Path(s) for s in args.scenarios] or [DEFAULT_SCENARIO]
+    paths = [Path(s) for s in [*args.scenarios, *(getattr(args, "more_scenarios", None) or [])]]
+    paths = paths or [DEFAULT_SCENARIO]
+    unknown = [n for n in args.counterexample if n not in PROPERTIES]
+    if unknown:
+        print(f"faultline: error: --counterexample: unknown property {unknown[0]!r} "
+              f"(one of: {', '.join(PROPERTIES)})", file=sys.stderr)
+        return 2
     try:
         for p in paths:
             load(p)  # bad input: one line, exit 2, before any process starts
-    except (ScenarioError, OSError) as e:
+    except ScenarioError as e:
         print(f"faultline: error: {e}", file=sys.stderr)
         return 2
-    if args.workers is not None and args.workers < 1:
-        print("faultline: error: --workers must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        result = check_matrix([str(p) for p in paths], args.design, args.policy, args.workers,
-                              max_states=args.max_states, timeout_s=args.timeout)
-    except KeyboardInterrupt:
-        print("faultline: error: interrupted", file=sys.stderr)
-        return 130
+    result = check_matrix([str(p) for p in paths], args.design, args.policy, args.workers,
+                          max_states=args.max_states, timeout_s=args.timeout,
+                          progress=not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps(result, indent=1))
-        return 0
-    render(result)
-    for c in result["cells"]:
-        for name in args.trace:
-            prop = c["properties"].get(name)
-            if prop and prop["holds"] is False:
-                print(f"\n{c['scenario']} {c['design']} {c['policy']}: {name} fails "
-                      f"({prop.get('kind', '')}: {prop.get('note', '')})")
-                print(format_counterexample(prop["counterexample"]))
+    else:
+        render(result)
+        for c in result["cells"]:
+            for name in args.counterexample:
+                prop = c["properties"].get(name)
+                if prop and prop["holds"] is False:
+                    print(f"\n{c['scenario']} {c['design']} {c['policy']}: {name} fails "
+                          f"({prop.get('kind', '')}: {prop.get('note', '')})")
+                    print(format_counterexample(prop["counterexample"]))
+    if result.get("interrupted"):
+        print(f"faultline: error: interrupted: {len(result['cells'])} of "
+              f"{result['cells_total']} cells checked", file=sys.stderr)
+        return 130
     return 0

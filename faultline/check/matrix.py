@@ -13,10 +13,11 @@ all cells' exploration time (not wall time), so it does not depend on ``workers`
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +44,77 @@ def check_cell(scenario_path: str, design: str, policy: str, max_states: int = 5
     return cell
 
 
+def _worker_init() -> None:
+    """Workers leave interruption to the parent: Ctrl-C reaches the whole process group,
+    and the parent then ends them (SIGTERM, with the default action: no traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def check_matrix(scenario_paths: Sequence[str | Path], designs: Sequence[str] | None = None,
                  policies: Sequence[str] | None = None, workers: int | None = None, *,
-                 max_states: int = 5_000_000, timeout_s: float | None = None
-                 ) -> dict[str, Any]:
+                 max_states: int = 5_000_000, timeout_s: float | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+    """Every cell, in parallel processes. Ctrl-C (KeyboardInterrupt) stops at once: the
+    workers are terminated and the result holds the cells finished so far, with
+    ``"interrupted": true``."""
     designs = list(designs or MATRIX_DESIGNS)
     policies = list(policies or MATRIX_POLICIES)
     jobs = [(str(p), d, pol) for p in scenario_paths for d in designs for pol in policies]
     workers = workers or os.cpu_count() or 1
     t0 = time.perf_counter()
-    if workers == 1 or len(jobs) == 1:
-        cells = [check_cell(p, d, pol, max_states, timeout_s) for p, d, pol in jobs]
-    else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as ex:
-            futs = [ex.submit(check_cell, p, d, pol, max_states, timeout_s)
-                    for p, d, pol in jobs]
-            cells = [f.result() for f in futs]
+    done: dict[int, dict[str, Any]] = {}
+    interrupted = False
+    bar: Any = None
+    pool = None
+    try:
+        if workers > 1 and len(jobs) > 1:  # forked before the progress bar's thread starts
+            pool = multiprocessing.get_context("fork").Pool(min(workers, len(jobs)),
+                                                            initializer=_worker_init)
+        if progress:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            bar = Progress(console=Console(stderr=True), transient=True)
+            bar.start()
+            task = bar.add_task("check", total=len(jobs))
+        if pool is None:
+            for i, (p, d, pol) in enumerate(jobs):
+                done[i] = check_cell(p, d, pol, max_states, timeout_s)
+                if bar is not None:
+                    bar.advance(task)
+        else:
+            pending = {i: pool.apply_async(check_cell, (p, d, pol, max_states, timeout_s))
+                       for i, (p, d, pol) in enumerate(jobs)}
+            while pending:
+                for i in [i for i, r in pending.items() if r.ready()]:
+                    done[i] = pending.pop(i).get()
+                    if bar is not None:
+                        bar.advance(task)
+                if pending:
+                    # a short wait on one result: woken by it, or by Ctrl-C in the parent
+                    next(iter(pending.values())).wait(0.05)
+            pool.close()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if bar is not None:
+            bar.stop()
+    cells = [done[i] for i in sorted(done)]
     states = sum(c["states"] for c in cells)
     busy = sum(c["explore_seconds"] for c in cells)
-    return {"cells": cells,
-            "states_per_second": round(states / busy) if busy > 0 else None,
-            "wall_seconds": round(time.perf_counter() - t0, 3),
-            "workers": workers}
+    out: dict[str, Any] = {
+        "cells": cells,
+        "states_per_second": round(states / busy) if busy > 0 else None,
+        "wall_seconds": round(time.perf_counter() - t0, 3),
+        "workers": workers}
+    if interrupted:
+        out["interrupted"] = True
+        out["cells_total"] = len(jobs)
+    return out
 
 
 def failing(cell: dict[str, Any]) -> list[str]:
@@ -73,11 +123,13 @@ def failing(cell: dict[str, Any]) -> list[str]:
 
 def render(result: dict[str, Any], console: Any = None) -> None:
     """Rows = designs, columns = policies, one table per scenario; each cell lists its
-    failing properties (green "ok" when all hold, yellow "?" for incomplete ones)."""
-    from rich.console import Console
+    failing properties (green "ok" when all hold; "incomplete" and a yellow "?" per property
+    a bound left unproven)."""
     from rich.table import Table
 
-    console = console or Console()
+    from faultline.timeline import make_console
+
+    console = console or make_console()
     by_scenario: dict[str, list[dict[str, Any]]] = {}
     for c in result["cells"]:
         by_scenario.setdefault(c["scenario"], []).append(c)
@@ -98,14 +150,19 @@ def render(result: dict[str, Any], console: Any = None) -> None:
                     continue
                 bad = failing(c)
                 unknown = [n for n, x in c["properties"].items() if x["holds"] is None]
-                text = "\n".join(f"[red]{n}[/red]" for n in bad) or "[green]ok[/green]"
+                # ok only when every property was proven: a bound leaves some unknown
+                text = "\n".join(f"[red]{n}[/red]" for n in bad) or (
+                    "[yellow]incomplete[/yellow]" if unknown else "[green]ok[/green]")
                 if unknown:
                     text += "\n" + "\n".join(f"[yellow]? {n}[/yellow]" for n in unknown)
                 text += f"\n[dim]{c['states']} states[/dim]"
                 row.append(text)
             table.add_row(*row)
         console.print(table)
+    n = len(result["cells"])
+    rate = result["states_per_second"]
     console.print(f"{sum(c['states'] for c in result['cells'])} states in "
-                  f"{len(result['cells'])} cells, {result['wall_seconds']} s wall on "
-                  f"{result['workers']} workers, {result['states_per_second']} states/s "
-                  f"per core")
+                  f"{n} cell{'' if n == 1 else 's'}, {result['wall_seconds']} s wall on "
+                  f"{result['workers']} worker{'' if result['workers'] == 1 else 's'}"
+                  + (f", {rate} states/s per core" if rate is not None else ""),
+                  soft_wrap=True)
