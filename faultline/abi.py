@@ -23,6 +23,10 @@ REPORT_BUF_STRIDE = 0x100
 KERNEL_LOAD_GPA = 0x100000  # the guest ELF is linked here (1 MiB)
 KERNEL_MAX_BYTES = 0x300000  # kernel image + its heap end below ANON_POOL_GPA
 ANON_POOL_GPA = 0x400000  # task anonymous pages, handed out in scenario order
+# The guest kernel's image + bss ends below this (tests/test_hardening.py checks the
+# build); its page allocator hands out [end, ANON_POOL_GPA): page tables, task programs
+# and stacks, offline bitmaps. The scenario validator budgets that heap with this bound.
+KERNEL_END_MAX = 0x170000
 DEFAULT_RAM_BYTES = 16 << 20
 # Windows (file-backed "DAX" memslots) default above 4 GiB, 1 GiB apart.
 WINDOW_DEFAULT_GPA = 0x1_0000_0000

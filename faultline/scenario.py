@@ -413,6 +413,7 @@ def from_dict(raw: dict[str, Any], *, source: str = "<scenario>",
     if not tasks:
         raise ScenarioError(source, "tasks", "no task: a scenario runs at least one "
                                              "[[tasks]] entry")
+    _check_guest_heap(source, ram_bytes, files, tasks)
     events = _parse_events(source, _list(source, "events", raw.get("events", [])), by_name,
                            {t.name: t for t in tasks})
     expectations = tuple(
@@ -567,6 +568,46 @@ def _parse_tasks(source: str, items: list[Any], vcpus: int, files: dict[str, Fil
         early = _bool(source, f"{key}.early_kill", t.get("early_kill", False))
         tasks.append(TaskSpec(name, i, vcpu, program, tuple(mapper.maps), early))
     return tuple(tasks)
+
+
+# The guest kernel's per-task layout (faultline/guest/kernel.h): program copy and stack.
+_USER_PROG_PAGES = _USER_STACK_PAGES = 2
+_USER_PROG_VADDR = abi.USER_STACK_TOP - 0x100000
+
+
+def guest_heap_pages(ram_bytes: int, files: tuple[FileSpec, ...],
+                     tasks: tuple[TaskSpec, ...]) -> int:
+    """Pages the guest kernel's allocator needs for this scenario, as kernel.c allocates
+    them: the kernel's own tables (build_kernel_tables), one offline bitmap per region
+    (add_region), and per task (setup_task) its PML4/PDPT/PD, program copy, stack and the
+    page-table pages walk() creates for the program, the stack and every mapping."""
+    def bitmap(nbytes: int) -> int:
+        return (nbytes // abi.PAGE_SIZE // 8 + abi.PAGE_SIZE - 1) // abi.PAGE_SIZE + 1
+
+    pages = 3 + (abi.ANON_POOL_GPA >> 21)
+    pages += bitmap(ram_bytes) + sum(bitmap(f.window_bytes) for f in files)
+    for t in tasks:
+        vaddrs = [_USER_PROG_VADDR + i * abi.PAGE_SIZE for i in range(_USER_PROG_PAGES)]
+        vaddrs += [abi.USER_STACK_TOP - (i + 1) * abi.PAGE_SIZE
+                   for i in range(_USER_STACK_PAGES)]
+        vaddrs += [m.vaddr for m in t.maps]
+        # pml4[0] -> pdpt[0] -> pd0 exist already; everything else is allocated on demand
+        pages += 3 + _USER_PROG_PAGES + _USER_STACK_PAGES
+        pages += len({va >> 39 for va in vaddrs} - {0})
+        pages += len({va >> 30 for va in vaddrs} - {0})
+        pages += len({va >> 21 for va in vaddrs})
+    return pages
+
+
+def _check_guest_heap(source: str, ram_bytes: int, files: tuple[FileSpec, ...],
+                      tasks: tuple[TaskSpec, ...]) -> None:
+    have = (abi.ANON_POOL_GPA - abi.KERNEL_END_MAX) // abi.PAGE_SIZE
+    need = guest_heap_pages(ram_bytes, files, tasks)
+    if need > have:
+        raise ScenarioError(source, "tasks",
+                            f"the guest kernel needs about {need} pages for these "
+                            f"{len(tasks)} tasks' page tables, programs and stacks; it has "
+                            f"{have}: use fewer tasks or fewer distinct pages per task")
 
 
 def _parse_span(source: str, key: str, text: str) -> tuple[str, int, int, int]:

@@ -405,3 +405,41 @@ def test_help_is_plain_text_and_every_option_has_some(cmd: str) -> None:
         if action.option_strings and action.dest != "help":
             assert action.help, f"{cmd} {action.option_strings[0]} has no help"
 
+
+
+# --- scenarios that validate must fit the guest ------------------------------------------------
+
+def test_the_guest_heap_budget_holds_for_the_built_kernel() -> None:
+    """The validator budgets the guest's page allocator from abi.KERNEL_END_MAX: the kernel
+    image + bss must end below it (a kernel that grows must raise it)."""
+    from faultline import abi
+    from faultline.guest.build import kernel_path
+    from faultline.vmm import boot
+
+    assert boot.load_kernel(kernel_path()).end <= abi.KERNEL_END_MAX
+
+
+def _many_tasks(n: int, windows: int) -> str:
+    files = "".join(f'[[files]]\nname = "dax{w}"\nsize = "16KiB"\n' for w in range(windows))
+    reads = "".join(f'"read dax{w}[0]", ' for w in range(windows))
+    return files + "".join(f'[[tasks]]\nname = "t{i}"\nprogram = ["write anon[63] 1", '
+                           f'{reads}"exit 0"]\n' for i in range(n))
+
+
+def test_a_scenario_too_big_for_the_guest_kernel_is_refused() -> None:
+    from faultline.scenario import ScenarioError, loads
+
+    loads(_many_tasks(64, 0))  # 64 tasks, 648 pages: fits
+    with pytest.raises(ScenarioError, match=r"tasks: the guest kernel needs about 681 pages"):
+        loads(_many_tasks(48, 2))
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(("n", "windows"), [(46, 2), (54, 1)])
+def test_the_largest_scenarios_that_validate_run(tmp_path: Path, n: int, windows: int) -> None:
+    """At the edge of the budget (653 and 656 of 656 pages) the guest still boots them."""
+    from faultline.scenario import loads
+    from faultline.vmm.runner import run_kvm
+
+    out = run_kvm(loads(_many_tasks(n, windows)), "mce", events_path=None, watchdog_s=60)
+    assert out.vm == "completed", out.reason
