@@ -83,6 +83,23 @@ def _default_events(stem: str, backend: str, design: str, policy: str) -> Path:
     raise OutputError(f"cannot create an event log in {root}: too many runs this second")
 
 
+def _new_run_dir(prefix: str) -> Path:
+    """A new directory under runs/ (or $FAULTLINE_RUNS) for one command's logs: two
+    commands at once never write the same files."""
+    root = Path(os.environ.get("FAULTLINE_RUNS", "runs"))
+    base = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for n in range(1000):
+            path = root / (base if n == 0 else f"{base}-{n}")
+            with contextlib.suppress(FileExistsError):
+                path.mkdir()
+                return path
+    except OSError as e:
+        raise OutputError(f"cannot create a directory in {root}: {e.strerror or e}") from None
+    raise OutputError(f"cannot create a directory in {root}: too many runs this second")
+
+
 class OutputError(Exception):
     """An output path that cannot be written: one line, exit 2, before the run starts."""
 
@@ -272,8 +289,12 @@ def cmd_conform(args: argparse.Namespace) -> int:
     except ScenarioError as e:
         _err(str(e))
         return EXIT_USAGE
-    root = Path(os.environ.get("FAULTLINE_RUNS", "runs"))
-    run = conform.conform_interruptible(scenarios, events_dir=root,
+    try:
+        events_dir = _new_run_dir("conform")
+    except OutputError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    run = conform.conform_interruptible(scenarios, events_dir=events_dir,
                                         progress=not args.json and sys.stderr.isatty())
     if args.json:
         print(conform.dumps(run.results))

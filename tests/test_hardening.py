@@ -332,7 +332,7 @@ def test_ctrl_c_stops_conform_with_partial_results(tmp_path: Path) -> None:
                          text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and p.poll() is None:
-        if len(list(tmp_path.glob("conform-*-model-*.jsonl"))) >= 1:
+        if len(list(tmp_path.glob("conform-*/conform-*-model-*.jsonl"))) >= 1:
             break  # one pair compared, the next under way
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
@@ -443,3 +443,14 @@ def test_the_largest_scenarios_that_validate_run(tmp_path: Path, n: int, windows
 
     out = run_kvm(loads(_many_tasks(n, windows)), "mce", events_path=None, watchdog_s=60)
     assert out.vm == "completed", out.reason
+
+
+@pytest.mark.kvm
+def test_conform_table_through_a_pipe_is_whole(tmp_path: Path) -> None:
+    p = _cli(tmp_path, "conform", str(SCENARIOS / "conf-touch-twice.toml"))
+    assert p.returncode == 0, p.stderr
+    table = [line for line in p.stdout.splitlines() if line[:1] in "┏┃┡│└"]
+    assert len(table) >= 5
+    assert all(line[-1] in "┓┃┩│┘" for line in table)  # every row has its right border
+    assert "…" not in p.stdout
+    assert len(list((tmp_path / "runs").glob("conform-*/conform-*.jsonl"))) >= 2
