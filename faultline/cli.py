@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 10)")
     r.add_argument("--replay", metavar="TRACE.json",
                    help="model: follow a checker counterexample (a trace, or the whole "
-                        "`check --json` output), then finish the run")
+                        "check --json output), then finish the run")
     r.add_argument("--property", metavar="NAME",
                    help="with --replay of a check result: whose counterexample (default: "
                         "the cell's only failing property)")

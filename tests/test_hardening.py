@@ -454,3 +454,20 @@ def test_conform_table_through_a_pipe_is_whole(tmp_path: Path) -> None:
     assert all(line[-1] in "┓┃┩│┘" for line in table)  # every row has its right border
     assert "…" not in p.stdout
     assert len(list((tmp_path / "runs").glob("conform-*/conform-*.jsonl"))) >= 2
+
+
+@pytest.mark.kvm
+def test_keep_says_where_the_run_directory_is(tmp_path: Path) -> None:
+    scen = tmp_path / "s.toml"
+    scen.write_text(OK)
+    p = _cli(tmp_path, "run", str(scen), "--backend", "kvm", "--keep", "--json")
+    assert p.returncode == 0, p.stderr
+    [line] = p.stderr.strip().splitlines()
+    assert line.startswith("faultline: run directory kept: ")
+    kept = Path(line.split(": ")[-1])
+    try:
+        assert (kept / "dax0").is_file()
+    finally:
+        for f in kept.glob("*"):
+            f.unlink()
+        kept.rmdir()
