@@ -26,18 +26,12 @@ from faultline.outcome import EventLog, Outcome
 from faultline.timeline import MAX_LINES, render
 
 from .conftest import ROOT, SCENARIOS
+from .test_robustness import BASE
 
 # A child that reads without limit hits this (MemoryError: a traceback, the test fails)
 # long before it can hurt the machine.
 MEMORY_LIMIT = 2 << 30
-OK = """
-[[files]]
-name = "dax0"
-size = "16KiB"
-[[tasks]]
-name = "a"
-program = ["read dax0[1] expect=@", "exit 0"]
-"""
+OK = BASE  # a scenario that runs: one file, one task
 
 
 def _limit_memory() -> None:
