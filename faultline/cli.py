@@ -216,10 +216,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             e.outcome.events_path = str(events_path)
             log.close()
             _print_outcome(e.outcome, log, args, [])
+            _write_trace(trace_fh, args.trace, log, sc)
             _err("interrupted")
             return EXIT_INTERRUPTED
         except KeyboardInterrupt:
             log.emit("error", error="interrupted")
+            log.close()
+            _write_trace(trace_fh, args.trace, log, sc)
             _err("interrupted")
             return EXIT_INTERRUPTED
     finally:
@@ -230,25 +233,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     problems = check(outcome, sc)
     _print_outcome(outcome, log, args, problems)
     _after_run(sc, outcome, log, args)
-    if trace_fh is not None:
-        from faultline import trace
-
-        try:
-            with trace_fh:
-                trace.dump(trace_fh, log.events, [t.name for t in sc.tasks])
-        except OSError as e:
-            _err(f"--trace {args.trace}: {e.strerror or e}")
-            return EXIT_USAGE
+    if not _write_trace(trace_fh, args.trace, log, sc):
+        return EXIT_USAGE
     return EXIT_MISMATCH if problems else EXIT_OK
+
+
+def _write_trace(fh: IO[str] | None, path: str, log: EventLog, sc: Any) -> bool:
+    """The Perfetto trace of what the log holds (also of an interrupted run); False, with
+    one line said, when it cannot be written (a full disk)."""
+    if fh is None:
+        return True
+    from faultline import trace
+
+    try:
+        with fh:
+            trace.dump(fh, log.events, [t.name for t in sc.tasks])
+    except OSError as e:
+        _err(f"--trace {path}: {e.strerror or e}")
+        return False
+    return True
 
 
 def _after_run(sc: Any, outcome: Outcome, log: EventLog, args: argparse.Namespace) -> None:
     """What a person must be told once the run is over: host events whose trigger was
-    never reached, where a kept run directory is."""
+    never reached, a capped log, where a kept run directory is."""
     from faultline.trace import HOST_CHANGES
 
     fired = sum(1 for ev in log.events if ev.get("kind") in HOST_CHANGES)
-    if fired < len(sc.events):
+    # Only a run that completed: one that aborted or hung stopped before its triggers.
+    if outcome.vm == "completed" and fired < len(sc.events) \
+            and not any(k in log.dropped for k in HOST_CHANGES):
         missing = ", ".join(f"events[{e.index}] after {e.trigger}" for e in sc.events
                             if e.trigger.task is not None)
         _warn(f"{len(sc.events) - fired} of {len(sc.events)} host events never fired "
