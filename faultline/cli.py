@@ -140,10 +140,13 @@ def _warn(msg: str) -> None:
 
 def _pick_backend(args: argparse.Namespace) -> str:
     """``--backend auto`` is kvm where /dev/kvm works, except when an option only the
-    model has (a --design other than host, --seed, --replay) asks for the model."""
+    model has (a --design other than host, a --profile other than faultline's own VMM,
+    --seed, --replay) asks for the model."""
     from faultline.backends import UsageError, resolve_backend
 
     model_only = [o for o, v in (("--design", args.design not in (None, "host")),
+                                 ("--profile", getattr(args, "profile", None)
+                                  not in (None, "faultline-vmm")),
                                  ("--seed", args.seed is not None),
                                  ("--replay", args.replay is not None)) if v]
     if args.backend == "auto" and model_only:

@@ -282,10 +282,9 @@ def conform_interruptible(scenarios: Sequence[Scenario], *,
     run = ConformRun([], len(pairs))
     bar: Any = None
     if progress:
-        from rich.console import Console
-        from rich.progress import Progress
+        from faultline.timeline import make_progress
 
-        bar = Progress(console=Console(stderr=True), transient=True)
+        bar = make_progress()
         bar.start()
         task = bar.add_task("conform", total=len(pairs))
     try:

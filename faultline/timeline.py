@@ -46,6 +46,15 @@ def make_console(*, stderr: bool = False) -> Console:
     return con
 
 
+def make_progress() -> Any:
+    """A progress bar on stderr for long work on a terminal (the caller starts it only
+    when stderr is one): what runs now, a bar, done of total, time left."""
+    from rich.progress import MofNCompleteColumn, Progress
+
+    return Progress(*Progress.get_default_columns(), MofNCompleteColumn(),
+                    console=Console(stderr=True), transient=True)
+
+
 RESOLVE_MARK = ">>"  # marks the resolution line without colour (NO_COLOR, a pipe)
 
 

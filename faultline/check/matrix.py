@@ -72,10 +72,9 @@ def check_matrix(scenario_paths: Sequence[str | Path], designs: Sequence[str] | 
             pool = multiprocessing.get_context("fork").Pool(min(workers, len(jobs)),
                                                             initializer=_worker_init)
         if progress:
-            from rich.console import Console
-            from rich.progress import Progress
+            from faultline.timeline import make_progress
 
-            bar = Progress(console=Console(stderr=True), transient=True)
+            bar = make_progress()
             bar.start()
             task = bar.add_task("check", total=len(jobs))
         if pool is None:
