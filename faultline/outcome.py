@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import threading
 import time
@@ -205,6 +206,7 @@ class EventLog:
         self._repeats: dict[tuple[str, int | None, str | None], int] = {}
         self.dropped: dict[str, int] = {}  # kind -> events not kept (see the class doc)
         self._summarised = False
+        self._closed_path = ""  # set by close(): where events emitted after it go
         if self._fh is not None:
             self._writer = threading.Thread(target=self._write_loop, name="eventlog",
                                             daemon=True)
@@ -231,7 +233,21 @@ class EventLog:
             events.append(ev)
             if self._writer is not None:
                 self._q.put(ev)
+            elif self._closed_path:
+                self._append_late(ev)
             return ev
+
+    def _append_late(self, ev: dict[str, Any]) -> None:
+        """An event emitted after close (a vCPU thread still tearing down when the run was
+        interrupted): written straight to the file, so the log says what the timeline
+        shows."""
+        if self.write_error:
+            return
+        try:
+            with open(self._closed_path, "a") as fh:
+                fh.write(json.dumps(ev, default=_jsonable) + "\n")
+        except OSError as e:
+            self.write_error = f"{self.path}: {e.strerror or e}"
 
     def _summarise_drops(self) -> None:
         if self.dropped and not self._summarised:
@@ -351,6 +367,8 @@ class EventLog:
             with contextlib.suppress(OSError):  # a full disk: write_error says so
                 self._fh.close()
             self._fh = None
+            if os.path.isfile(self.path):  # not a device or a pipe: late events append
+                self._closed_path = self.path
 
     def __enter__(self) -> EventLog:
         return self

@@ -465,3 +465,15 @@ def test_keep_says_where_the_run_directory_is(tmp_path: Path) -> None:
         for f in kept.glob("*"):
             f.unlink()
         kept.rmdir()
+
+
+def test_an_event_emitted_after_close_is_in_the_file_too(tmp_path: Path) -> None:
+    """A vCPU thread still tearing down after an interrupted run's log closed: the timeline
+    (log.events) and the file must say the same."""
+    path = tmp_path / "ev.jsonl"
+    log = EventLog(path)
+    log.emit("vm_stop", vm="aborted")
+    log.close()
+    log.emit("vmm_error", vcpu=0, error="late")
+    written = [json.loads(line)["kind"] for line in path.read_text().splitlines()]
+    assert written == [e["kind"] for e in log.events] == ["vm_stop", "vmm_error"]
