@@ -104,6 +104,26 @@ class OutputError(Exception):
     """An output path that cannot be written: one line, exit 2, before the run starts."""
 
 
+# Kernel pseudo filesystems (statfs f_type, include/uapi/linux/magic.h): their files are
+# kernel knobs, not logs. As root, "--events /proc/sys/kernel/hostname" would rename the
+# host, so nothing is ever written there.
+_PSEUDO_FS = {0x9FA0: "proc", 0x62656572: "sysfs", 0x64626720: "debugfs",
+              0x74726163: "tracefs", 0x27E0EB: "cgroup", 0x63677270: "cgroup2",
+              0x73636673: "securityfs", 0x62656570: "configfs", 0xCAFE4A11: "bpf",
+              0xDE5E81E4: "efivarfs", 0x6165676C: "pstore"}
+
+
+def _fs_type(path: str) -> int | None:
+    """statfs(2)'s f_type (the first field, a long), or None when it cannot be read."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
 def open_output(path: str, what: str, *, regular: bool = False) -> IO[str]:
     """Open an output file for a run before the run starts, so a bad path costs nothing.
     The file is locked (flock) and only then truncated: a second run naming the same file
@@ -116,6 +136,9 @@ def open_output(path: str, what: str, *, regular: bool = False) -> IO[str]:
             raise OutputError(f"{what} {path}: no such directory {str(p.parent)!r}")
         if regular and p.exists() and not p.is_file():
             raise OutputError(f"{what} {path}: not a regular file")
+        fs = _PSEUDO_FS.get(_fs_type(str(p if p.exists() else p.parent)) or 0)
+        if fs is not None:
+            raise OutputError(f"{what} {path}: on the kernel's {fs} filesystem, not for logs")
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:  # a name too long, a read-only mount, /proc, no permission
         raise OutputError(f"{what} {path}: {e.strerror or e}") from None

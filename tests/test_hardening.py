@@ -97,6 +97,12 @@ BAD: list[tuple[str, Setup, list[str], str]] = [
      "is a directory"),
     ("events: /proc", {"s.toml": OK}, ["run", "{d}/s.toml", "--events", "/proc/1/ev.jsonl"],
      "--events /proc/1/ev.jsonl:"),
+    # (a file of the child itself: were the check to regress, it renames only the child)
+    ("events: a procfs knob", {"s.toml": OK},
+     ["run", "{d}/s.toml", "--events", "/proc/self/comm"],
+     "--events /proc/self/comm: on the kernel's proc filesystem, not for logs"),
+    ("events: sysfs", {"s.toml": OK},
+     ["run", "{d}/s.toml", "--events", "/sys/kernel/new.jsonl"], "sysfs filesystem"),
     ("events: name too long", {"s.toml": OK},
      ["run", "{d}/s.toml", "--events", "{d}/" + "e" * 300], "File name too long"),
     ("events: the scenario itself", {"s.toml": OK},
