@@ -181,6 +181,18 @@ SI_CODES = {
     (SIGSEGV, SEGV_MAPERR): "SEGV_MAPERR",
 }
 
+# --- Reports under QEMU (faultline/qemu; docs/qemu.md) ---------------------------------
+# QEMU has no device at REPORT_PORT. With BOOT_OPT_DOORBELL the guest fills its report
+# record as usual, sets the u64 at record + REPORT_PENDING_OFFSET to 1, writes one byte,
+# (record gpa - report_buf_gpa) / DOORBELL_UNIT, to DOORBELL_PORT (QEMU's isa-debugcon,
+# whose chardev faultline reads) and spins until faultline clears that u64 (guest RAM is a
+# shared file). Every report is then synchronous, as an I/O exit is on our VMM: a host event
+# a report triggers ("after T:N") is done before the task runs on.
+BOOT_OPT_DOORBELL = 1 << 3
+DOORBELL_PORT = 0xE9
+DOORBELL_UNIT = 16
+REPORT_PENDING_OFFSET = 0x40  # below the nested record (REPORT_BUF_STRIDE / 2)
+
 # --- Notification ring (VMM -> guest), at NOTIFY_RING_GPA -----------------------
 # header: u32 head (VMM writes), u32 tail (guest writes), u32 entries, u32 pad
 NOTIFY_HEADER = struct.Struct("<IIII")

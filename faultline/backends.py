@@ -15,8 +15,8 @@ class UsageError(Exception):
 
 
 def resolve_backend(backend: str) -> str:
-    if backend not in ("kvm", "model", "auto"):
-        raise UsageError(f"unknown backend {backend!r} (one of: kvm, model, auto)")
+    if backend not in ("kvm", "model", "qemu", "auto"):
+        raise UsageError(f"unknown backend {backend!r} (one of: kvm, model, qemu, auto)")
     if backend != "auto":
         return backend
     from faultline.vmm.runner import kvm_available
@@ -28,7 +28,15 @@ def run_scenario(scenario: Scenario, *, backend: str = "auto", design: str | Non
                  policy: str | None = None, events_path: str | Path | None = None,
                  log: EventLog | None = None, seed: int | None = None,
                  **kw: Any) -> Outcome:
-    """Run `scenario` on `backend` ("kvm", "model" or "auto") and return its Outcome."""
+    """Run `scenario` on `backend` ("kvm", "model", "qemu" or "auto") and return its
+    Outcome."""
+    if backend == "qemu":
+        if design not in (None, "host") or policy not in (None, "qemu"):
+            raise UsageError("the qemu backend runs this host's KVM under QEMU: no --design, "
+                             "and no --policy (QEMU has none; its outcome says policy qemu)")
+        from faultline.qemu.run import run_qemu
+
+        return run_qemu(scenario, events_path=events_path, log=log, **kw)
     policy = policy or scenario.policies[0]
     if policy not in POLICIES:
         raise UsageError(f"unknown policy {policy!r} (one of: {', '.join(POLICIES)})")

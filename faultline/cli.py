@@ -175,9 +175,9 @@ def _pick_backend(args: argparse.Namespace) -> str:
     if args.backend == "auto" and model_only:
         return "model"
     backend = resolve_backend(args.backend)
-    if backend == "kvm" and model_only:
-        raise UsageError(f"{model_only[0]} is for the model; the kvm backend runs this "
-                         "host's KVM (use --backend model)")
+    if backend in ("kvm", "qemu") and model_only:
+        raise UsageError(f"{model_only[0]} is for the model; the {backend} backend runs "
+                         "this host's KVM (use --backend model)")
     return backend
 
 
@@ -186,20 +186,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     log; every run that starts writes one (also when it is interrupted)."""
     from faultline.backends import UsageError, run_scenario
     from faultline.model.simulate import ReplayError
+    from faultline.qemu.run import QemuFailed
     from faultline.vmm.runner import BackendError, Interrupted
 
     try:
         backend = _pick_backend(args)
         sc = load(args.scenario)
         policy = args.policy if args.policy is not None else sc.policies[0]
-        if policy not in POLICIES:
+        if backend == "qemu":  # QEMU has no policy: it does what it does
+            if args.policy not in (None, "qemu"):
+                raise UsageError("--policy is for faultline's VMM; QEMU has none "
+                                 "(faultline compare shows both)")
+            policy = "qemu"
+        elif policy not in POLICIES:
             raise UsageError(f"unknown policy {policy!r} (one of: {', '.join(POLICIES)})")
-        design = "host" if backend == "kvm" else (
+        design = "host" if backend in ("kvm", "qemu") else (
             args.design if args.design is not None else sc.design)
         if backend == "model" and design not in DESIGNS:
             raise UsageError(f"unknown design {design!r} (one of: {', '.join(DESIGNS)})")
-        kw: dict[str, Any] = (
-            {"watchdog_s": args.watchdog, "keep": args.keep} if backend == "kvm" else {})
+        kw: dict[str, Any] = ({"watchdog_s": args.watchdog, "keep": args.keep}
+                              if backend in ("kvm", "qemu") else {})
         if args.replay:
             kw["schedule"] = _load_replay(args.replay, sc.name, design, policy, args.property)
         if args.trace and _same_file(args.trace, args.scenario):
@@ -224,11 +230,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ScenarioError, UsageError, OutputError) as e:
         _err(str(e))
         return EXIT_USAGE
-    log = EventLog(events_path, clock="us" if backend == "kvm" else "step", fh=events_fh)
+    log = EventLog(events_path, clock="us" if backend in ("kvm", "qemu") else "step",
+                   fh=events_fh)
     try:
         try:
             outcome = run_scenario(sc, backend=backend, design=design, policy=policy,
                                    log=log, seed=args.seed, **kw)
+        except QemuFailed as e:  # not bad input: QEMU missing or not starting; logged
+            log.emit("error", error=str(e))
+            _err(str(e))
+            return EXIT_USAGE
         except (UsageError, BackendError, ReplayError) as e:
             # refused once the run had begun (e.g. poison on this host): still bad input
             log.close()
@@ -417,6 +428,32 @@ def vendor_module(sys_module: Path = Path("/sys/module")) -> str:
     return "none found"
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The scenario on QEMU and on faultline's VMM per policy: one table."""
+    from faultline import compare
+    from faultline.vmm.runner import Interrupted
+
+    try:
+        sc = load(args.scenario)
+        events_dir = _new_run_dir("compare")
+    except (ScenarioError, OutputError) as e:
+        _err(str(e))
+        return EXIT_USAGE
+    try:
+        rows = compare.compare(sc, events_dir=events_dir, watchdog_s=args.watchdog)
+    except (KeyboardInterrupt, Interrupted):
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+    if args.json:
+        print(compare.dumps(sc, rows))
+    else:
+        compare.render(sc, rows)
+    for r in rows:
+        if r.error:
+            _err(f"{r.vmm} [{r.policy}]: {r.error}")
+    return EXIT_USAGE if any(r.error for r in rows) else EXIT_OK
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from faultline.kvm import Kvm, KvmError, uapi
 
@@ -435,6 +472,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     info["vendor_module"] = vendor_module()
     info["guests_emulated"] = not (" vmx" in cpuinfo or " svm" in cpuinfo)
+    from faultline.qemu.run import qemu_available
+
+    ok, qemu = qemu_available()
+    info["qemu"] = qemu if ok else f"unavailable: {qemu}"
     if args.json:
         print(json.dumps(info, indent=2))
         return EXIT_OK
@@ -473,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "not; 2: bad input (nothing ran, no event log); 130: interrupted.")
     r.add_argument("scenario", help="a scenario TOML file (docs/scenarios.md)")
     r.add_argument("--backend", default="auto",
-                   help="kvm | model | auto (default: kvm where /dev/kvm works, the model "
-                        "when --design, --seed or --replay ask for it)")
+                   help="kvm | model | qemu | auto (default: kvm where /dev/kvm works, the "
+                        "model when --design, --seed or --replay ask for it)")
     r.add_argument("--design", help=f"model only: {' | '.join(DESIGNS)} (default: the "
                                     "scenario's)")
     r.add_argument("--policy", help=f"{' | '.join(POLICIES)} (default: the scenario's first)")
@@ -487,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int,
                    help="model only: a seeded random schedule instead of round-robin")
     r.add_argument("--watchdog", type=positive_float, default=10.0, metavar="SECONDS",
-                   help="kvm: seconds without progress before the run is declared hung "
+                   help="kvm, qemu: seconds without progress before the run is declared hung "
                         "(default 10)")
     r.add_argument("--replay", metavar="TRACE.json",
                    help="model: follow a checker counterexample (a trace, or the whole "
@@ -512,6 +553,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("scenarios", nargs="*", help="scenario files (default: the whole corpus)")
     c.add_argument("--json", action="store_true", help="print the comparisons as JSON")
     c.set_defaults(func=cmd_conform)
+
+    cq = sub.add_parser("compare", help="the scenario on QEMU and on faultline's VMM per "
+                                        "policy: one table",
+                        description="Run the scenario under QEMU (docs/qemu.md) and on "
+                        "faultline's VMM under each policy it lists; print vm state, each "
+                        "task's fate and exits in one table. Exit 2 when a row could not run, "
+                        "130 when interrupted.")
+    cq.add_argument("scenario", help="a scenario TOML file (docs/scenarios.md)")
+    cq.add_argument("--json", action="store_true", help="print the rows as JSON")
+    cq.add_argument("--watchdog", type=positive_float, default=10.0, metavar="SECONDS",
+                    help="seconds without progress before a run is declared hung (default 10)")
+    cq.set_defaults(func=cmd_compare)
 
     i = sub.add_parser("info", help="what KVM offers on this host",
                        description="KVM availability, API version, capabilities, MCE "

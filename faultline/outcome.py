@@ -30,7 +30,7 @@ class Signal:
 
 @dataclass(slots=True)
 class TaskOutcome:
-    fate: str = "hung"  # exited | sigbus | killed | hung
+    fate: str = "hung"  # exited | sigbus | killed | hung | lost (the VMM process died)
     code: int | None = None
     signal: Signal | None = None
 
@@ -71,15 +71,18 @@ class Outcome:
     backend: str
     design: str
     policy: str
-    vm: str = "completed"  # completed | aborted | hung
+    vm: str = "completed"  # completed | aborted | hung | crashed (the VMM process died)
     # What the run describes (docs/linux-qemu.md): the kvm backend is faultline's own VMM
-    # and guest; the model says which profile it ran.
+    # and guest; the model says which profile it ran; the qemu backend is "qemu".
     profile: str = "faultline-vmm"
     tasks: dict[str, TaskOutcome] = field(default_factory=dict)
     offlined: set[int] = field(default_factory=set)
     exits: dict[str, int] = field(default_factory=dict)
     faults: list[FaultRecord] = field(default_factory=list)
     events_path: str = ""
+    # backend qemu only: version, exit_status, and on a crash the signal and QEMU's last
+    # stderr line (a "qemu" key in the JSON outcome; absent for the other backends)
+    qemu: dict[str, Any] | None = None
     # Not part of the JSON outcome (its keys are fixed); kept for checks and the timeline.
     reason: str = ""
     file_mismatches: list[str] = field(default_factory=list)
@@ -101,7 +104,7 @@ class Outcome:
             "exits": dict(sorted(self.exits.items())),
             "faults": [f.to_json() for f in self.faults],
             "events_path": self.events_path,
-        }
+        } | ({"qemu": self.qemu} if self.qemu is not None else {})
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2)

@@ -34,6 +34,9 @@ CFLAGS = [
 USER_CFLAGS = ["-fno-jump-tables"]
 LDFLAGS = ["-nostdlib", "-static", "-z", "max-page-size=4096", "-z", "noexecstack",
            "--no-warn-rwx-segments"]
+# ABI numbers the linker script and entry.S (the multiboot path) use, as absolute symbols:
+# abi_gen.h's ULL constants are C only.
+LD_SYMBOLS = ("KERNEL_LOAD_GPA", "BOOT_INFO_GPA", "BOOT_INFO_MAX_BYTES")
 
 
 class BuildError(Exception):
@@ -61,7 +64,8 @@ def _digest(header: str) -> str:
     for p in _inputs():
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     h.update(header.encode())
-    h.update(repr((CFLAGS, USER_CFLAGS, LDFLAGS, abi.KERNEL_LOAD_GPA)).encode())
+    h.update(repr((CFLAGS, USER_CFLAGS, LDFLAGS,
+                   [(n, getattr(abi, n)) for n in LD_SYMBOLS])).encode())
     h.update(_tool_version(CC).encode() + _tool_version(LD).encode())
     return h.hexdigest()
 
@@ -104,7 +108,7 @@ def build(force: bool = False, out_dir: Path | None = None) -> Path:
                   str(obj)])
             objs.append(str(obj))
         tmp = out / (ELF_NAME + ".tmp")
-        _run([LD, *LDFLAGS, f"--defsym=KERNEL_LOAD_GPA={abi.KERNEL_LOAD_GPA:#x}",
+        _run([LD, *LDFLAGS, *(f"--defsym={name}={getattr(abi, name):#x}" for name in LD_SYMBOLS),
               "-T", str(SRC_DIR / "kernel.ld"), "-o", str(tmp), *objs])
         _check(tmp)
         tmp.replace(elf)

@@ -1,6 +1,171 @@
 /* faultline guest kernel: entry point, interrupt stubs, return to user, fixable kernel load. */
 #include "kernel.h"
 
+/* --- Multiboot v1 (QEMU's -kernel): the same image, a 32-bit way in --------------------
+ * QEMU loads [__kernel_start, __load_end) from the file as the address fields say (the ELF64
+ * itself is refused without them), zeroes up to _end, loads the boot info (a multiboot
+ * module, after the image) and enters mb_entry32 in flat 32-bit protected mode, paging
+ * off, %eax = MB_MAGIC_EAX, %ebx = the multiboot info. mb_entry32 copies the module to
+ * BOOT_INFO_GPA, masks the 8259s (SeaBIOS leaves the PIT's IRQ 0 on vector 8, our #DF
+ * gate), starts the other vCPUs (INIT + SIPI to ap_tramp copied below 1 MiB), then every
+ * vCPU switches to long mode with the static boot tables below and enters _start as on
+ * our VMM: %rdi = boot info GPA, %rsi = vCPU id (the APIC id). BOOT_INFO_GPA and
+ * BOOT_INFO_MAX_BYTES are linker symbols (build.py: --defsym from faultline.abi). */
+#define MB_MAGIC 0x1BADB002
+#define MB_FLAGS 0x00010003 /* page-aligned modules, memory info, address fields */
+#define MB_MAGIC_EAX 0x2BADB002
+#define MBI_FLAGS_MODS 8
+#define LAPIC_SVR 0xFEE000F0
+#define LAPIC_ICR_LO 0xFEE00300
+#define LAPIC_ICR_HI 0xFEE00310
+#define ICR_INIT_ALL_BUT_SELF 0x000C4500
+#define ICR_SIPI_ALL_BUT_SELF 0x000C4600
+#define AP_TRAMPOLINE_GPA 0x30000 /* free below 1 MiB: past the VMM's boot tables */
+#define BOOT_CS32 0x18
+
+    .section .text.multiboot, "ax"
+    .balign 4
+mb_header:
+    .long MB_MAGIC
+    .long MB_FLAGS
+    .long -(MB_MAGIC + MB_FLAGS)
+    .long mb_header      /* header_addr */
+    .long __kernel_start /* load_addr */
+    .long __load_end     /* load_end_addr */
+    .long _end           /* bss_end_addr */
+    .long mb_entry32     /* entry_addr */
+
+    .code32
+mb_entry32:
+    cli
+    cld
+    mov $(cpu_stacks + KSTACK_BYTES), %esp /* vCPU 0's stack, for icr_wait */
+    cmp $MB_MAGIC_EAX, %eax
+    jne mb_fail
+    testl $MBI_FLAGS_MODS, (%ebx)
+    jz mb_fail
+    cmpl $1, 20(%ebx)            /* mods_count */
+    jb mb_fail
+    mov 24(%ebx), %edx           /* mods_addr */
+    mov 0(%edx), %esi            /* mod_start */
+    mov 4(%edx), %ecx            /* mod_end */
+    sub %esi, %ecx
+    cmp $BOOT_INFO_MAX_BYTES, %ecx
+    ja mb_fail
+    mov $BOOT_INFO_GPA, %edi     /* the module sits in what becomes the kernel heap */
+    rep movsb
+    mov $0xff, %al
+    out %al, $0xa1
+    out %al, $0x21
+    mov $ap_tramp, %esi
+    mov $AP_TRAMPOLINE_GPA, %edi
+    mov $(ap_tramp_end - ap_tramp), %ecx
+    rep movsb
+    orl $0x100, LAPIC_SVR        /* software-enable the local APIC */
+    movl $0, LAPIC_ICR_HI
+    movl $ICR_INIT_ALL_BUT_SELF, LAPIC_ICR_LO
+    call icr_wait
+    movl $(ICR_SIPI_ALL_BUT_SELF | (AP_TRAMPOLINE_GPA >> 12)), LAPIC_ICR_LO
+    call icr_wait
+    movl $(ICR_SIPI_ALL_BUT_SELF | (AP_TRAMPOLINE_GPA >> 12)), LAPIC_ICR_LO
+    call icr_wait
+    xor %ebx, %ebx               /* the BSP is vCPU 0 */
+    jmp mb_long32
+mb_fail:
+    cli
+    hlt
+    jmp mb_fail
+
+/* Wait for the ICR's delivery-status bit. */
+icr_wait:
+    testl $0x1000, LAPIC_ICR_LO
+    jnz icr_wait
+    ret
+
+/* An AP, from ap_tramp: flat 32-bit, selectors of boot_gdt. */
+ap_entry32:
+    mov $KERNEL_DS, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    mov $1, %eax
+    cpuid
+    shr $24, %ebx                /* initial APIC id = vCPU id */
+    jmp mb_long32
+
+/* %ebx = vCPU id; 32-bit protected mode, paging off. */
+mb_long32:
+    lgdt boot_gdtr
+    mov %cr4, %eax
+    or $0x60, %eax               /* PAE | MCE */
+    mov %eax, %cr4
+    mov $boot_pml4, %eax
+    mov %eax, %cr3
+    mov $0xC0000080, %ecx        /* EFER.LME */
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80010023, %eax         /* PG | WP | NE | MP | PE */
+    mov %eax, %cr0
+    ljmp $KERNEL_CS, $mb_entry64
+
+    .code64
+mb_entry64:
+    mov $KERNEL_DS, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    xor %eax, %eax
+    mov %eax, %fs
+    mov %eax, %gs
+    mov $BOOT_INFO_GPA, %edi
+    mov %ebx, %esi
+    jmp _start
+
+/* Real-mode AP start-up code, copied to AP_TRAMPOLINE_GPA (SIPI: CS = that >> 4, IP = 0). */
+    .code16
+ap_tramp:
+    cli
+    mov %cs, %ax
+    mov %ax, %ds
+    lgdtl ap_gdtr - ap_tramp
+    mov %cr0, %eax
+    or $1, %eax
+    mov %eax, %cr0
+    ljmpl $BOOT_CS32, $ap_entry32
+    .balign 8
+ap_gdtr:
+    .word boot_gdt_end - boot_gdt - 1
+    .long boot_gdt
+ap_tramp_end:
+    .code64
+
+    .section .data
+    .balign 8
+/* null, 64-bit code (KERNEL_CS), flat data (KERNEL_DS), flat 32-bit code (BOOT_CS32) */
+boot_gdt:
+    .quad 0, 0x00209A0000000000, 0x00CF92000000FFFF, 0x00CF9A000000FFFF
+boot_gdt_end:
+boot_gdtr:
+    .word boot_gdt_end - boot_gdt - 1
+    .long boot_gdt
+
+/* Identity map of the first 1 GiB with 2 MiB pages (the kernel replaces it at once). */
+    .balign 4096
+boot_pml4:
+    .quad boot_pdpt + 3
+    .fill 511, 8, 0
+boot_pdpt:
+    .quad boot_pd + 3
+    .fill 511, 8, 0
+boot_pd:
+    .set i, 0
+    .rept 512
+    .quad (i << 21) | 0x83
+    .set i, i + 1
+    .endr
+
     .code64
     .section .text.entry, "ax"
     .globl _start

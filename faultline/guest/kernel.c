@@ -144,7 +144,11 @@ static void puthex(u64 v)
     puts_serial(&buf[i]);
 }
 
-/* One record per exit: fill this vCPU's buffer, then outl its GPA to REPORT_PORT. */
+/* One record per exit: fill this vCPU's buffer, then outl its GPA to REPORT_PORT. Under
+ * QEMU (BOOT_OPT_DOORBELL, abi.py): ring the debugcon doorbell and wait for faultline to
+ * clear the pending word, so the report is as synchronous as an I/O exit is on our VMM. */
+static u32 doorbell; /* BOOT_OPT_DOORBELL, set by vCPU 0 before the others run */
+
 static void report(struct cpu *c, u32 kind, u32 task, u64 a, u64 b, u64 cc, u64 d)
 {
     struct report *r = c->rep;
@@ -156,6 +160,15 @@ static void report(struct cpu *c, u32 kind, u32 task, u64 a, u64 b, u64 cc, u64 
     r->b = b;
     r->c = cc;
     r->d = d;
+    if (doorbell) {
+        volatile u64 *pending = (volatile u64 *)((u64)r + REPORT_PENDING_OFFSET);
+        *pending = 1;
+        asm volatile("" ::: "memory"); /* the record is complete before the doorbell */
+        outb(DOORBELL_PORT, (u8)(((u64)r - boot->report_buf_gpa) / DOORBELL_UNIT));
+        while (*pending)
+            cpu_relax();
+        return;
+    }
     outl(REPORT_PORT, (u32)(u64)r);
 }
 
@@ -874,6 +887,7 @@ void kmain(u64 boot_gpa, u64 vcpu)
             panic(c, PANIC_BAD_BOOT_INFO, why, boot_gpa, 0);
         }
         verbose = boot->options & BOOT_OPT_VERBOSE;
+        doorbell = (boot->options & BOOT_OPT_DOORBELL) != 0;
         heap_next = ((u64)_end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
         build_descriptors();
         build_kernel_tables(c);

@@ -1,0 +1,589 @@
+"""The qemu backend: faultline's guest kernel under the system's QEMU with KVM.
+
+One asyncio loop drives everything: QEMU's process (started paused, in its own session,
+killed with us), its QMP monitor (the ``qemu.qmp`` client, faultline listening), and the
+report doorbell (QEMU's isa-debugcon on a unix socket, faultline listening).
+
+A report (abi.py, "Reports under QEMU"): the guest fills its record in RAM, sets the
+record's pending word and writes one byte to the doorbell; faultline reads the record from
+the shared RAM file, handles it as our VMM handles an I/O exit (event log, outcome, host
+events it triggers) and clears the pending word; only then does the guest go on. A host
+event with several vCPUs also runs between QMP ``stop`` and ``cont``, as our VMM parks the
+other vCPUs for it.
+
+QEMU has no policy: ``policy = "qemu"``. The VM ends ``completed`` (every task finished,
+every vCPU idle: faultline sends ``quit``), ``aborted`` (QEMU stopped or reset the VM by
+itself, e.g. ``internal-error`` after "kvm run failed Bad address"), ``crashed`` (the QEMU
+process died: the signal and QEMU's last stderr line are kept; unfinished tasks are
+``lost``) or ``hung`` (no report for the watchdog's time: QEMU is killed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import mmap
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from faultline import abi
+from faultline.outcome import EventLog, Outcome, Signal, TaskOutcome
+from faultline.qemu.command import (
+    QemuLayoutError,
+    QemuUnavailable,
+    RunPaths,
+    command,
+    find_qemu,
+    qemu_version,
+)
+from faultline.scenario import HostEvent, Scenario, file_contents
+from faultline.vmm.runner import BackendError, Interrupted
+
+POLICY = "qemu"
+DESIGN = "host"  # this host's KVM, as on the kvm backend
+START_TIMEOUT_S = 30.0  # QEMU's start-up until its monitor connects
+# The guest boots through SeaBIOS, emulated on this host: the first report may take longer
+# than the watchdog allows between two reports.
+BOOT_ALLOWANCE_S = 20.0
+QUIT_TIMEOUT_S = 5.0
+PR_SET_PDEATHSIG = 1
+# KVM's per-vCPU counters sampled when a run hangs (binary stats, QMP query-stats)
+KVM_STATS = ("exits", "pf_taken", "pf_fixed", "halt_wakeup", "mmio_exits", "io_exits")
+_REPORT = abi.REPORT_STRUCT
+_PENDING = abi.REPORT_PENDING_OFFSET
+
+
+class QemuFailed(Exception):
+    """QEMU itself could not run the scenario (missing, failing to start, ...): not bad
+    input, so the CLI keeps the event log; one line, exit 2."""
+
+
+def _die_with_parent() -> None:
+    """In QEMU's child before exec: SIGKILL it if faultline dies (even by SIGKILL)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _signal_name(signo: int) -> str:
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return f"signal {signo}"
+
+
+class QemuRun:
+    """One run of a scenario under QEMU. Use :func:`run_qemu`."""
+
+    def __init__(self, scenario: Scenario, *, events_path: str | Path | None = None,
+                 log: EventLog | None = None, watchdog_s: float = 10.0, keep: bool = False,
+                 qemu: str | None = None, kernel: str | Path | None = None,
+                 cpu: str | None = None, extra_args: list[str] | None = None,
+                 boot_allowance_s: float = BOOT_ALLOWANCE_S) -> None:
+        for ev in scenario.events:
+            if ev.action == "poison":
+                raise BackendError(
+                    f"{scenario.source}: events[{ev.index}]: 'poison' needs real hardware "
+                    "poison (CONFIG_MEMORY_FAILURE is off on this host); use --backend model")
+        self.sc = scenario
+        self.watchdog_s = watchdog_s
+        self.boot_allowance_s = boot_allowance_s
+        self.keep = keep
+        self.qemu_arg = qemu
+        self.kernel = kernel
+        self.cpu = cpu
+        self.extra_args = extra_args
+        self.log = log if log is not None else EventLog(events_path)
+        self.outcome = Outcome(scenario.name, "qemu", DESIGN, POLICY, profile="qemu",
+                               events_path=self.log.path)
+        self.outcome.qemu = {}
+        for t in scenario.tasks:
+            self.outcome.tasks[t.name] = TaskOutcome()
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.run_dir = Path(tempfile.mkdtemp(prefix="faultline-qemu-", dir=shm))
+        self.paths = RunPaths(
+            ram=self.run_dir / "ram", boot_info=self.run_dir / "bootinfo.bin",
+            doorbell=self.run_dir / "doorbell.sock", qmp=self.run_dir / "qmp.sock",
+            serial=self.run_dir / "serial.txt",
+            windows=tuple(self.run_dir / f.path for f in scenario.files))
+        self.fds: dict[str, int] = {}  # file name -> fd (host events, the file check)
+        self.ram: mmap.mmap | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.pid: int | None = None
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
+        self.finished_tasks: set[str] = set()
+        self.idle: set[int] = set()
+        self.steps: dict[str, int] = {}
+        self.writes: dict[int, int] = {}  # window gpa -> last value a task wrote there
+        self.doorbells = 0
+        self.bad_reports = 0
+        self.last_progress = 0.0
+        self.booted = False
+        self.ending = False  # faultline decided the run is over (quit/kill are ours)
+        self.done = asyncio.Event()
+
+    # --- set-up ---------------------------------------------------------------------------
+    def _prepare(self) -> list[str]:
+        from faultline.guest.build import kernel_path
+        from faultline.vmm import boot
+
+        sc = self.sc
+        binary = find_qemu(self.qemu_arg)
+        version = qemu_version(binary)
+        assert self.outcome.qemu is not None
+        self.outcome.qemu["version"] = version
+        self.log.emit("vm_create", scenario=sc.name, policy=POLICY, vcpus=sc.vcpus,
+                      ram_bytes=sc.ram_bytes, run_dir=str(self.run_dir), qemu=binary,
+                      qemu_version=version)
+        root = self.run_dir.resolve()
+        for f, path in zip(sc.files, self.paths.windows, strict=True):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_symlink() or not str(path.resolve()).startswith(str(root) + os.sep):
+                raise BackendError(f"{sc.source}: files.{f.name}.path: {f.path!r} leaves the "
+                                   "run directory (symlink?)")
+            # QEMU refuses a backing file smaller than its window (and grows an empty one):
+            # it starts on a full-size file, cut to the scenario's size before the guest runs.
+            data = file_contents(f)
+            path.write_bytes(data + bytes(max(0, f.window_bytes - len(data))))
+            self.fds[f.name] = os.open(path, os.O_RDWR)
+        with open(self.paths.ram, "wb") as fh:
+            fh.truncate(sc.ram_bytes)
+        info = bytearray(boot.build_boot_info(sc))
+        fields = list(abi.BOOT_HEADER.unpack_from(info, 0))
+        fields[8] |= abi.BOOT_OPT_DOORBELL  # the header's options
+        abi.BOOT_HEADER.pack_into(info, 0, *fields)
+        self.paths.boot_info.write_bytes(bytes(info))
+        fd = os.open(self.paths.ram, os.O_RDWR)
+        try:
+            self.ram = mmap.mmap(fd, sc.ram_bytes, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        kernel = Path(self.kernel) if self.kernel is not None else kernel_path()
+        return command(binary, sc, kernel, self.paths, self.cpu, self.extra_args)
+
+    # --- the run ----------------------------------------------------------------------------
+    def run(self) -> Outcome:
+        try:
+            try:
+                argv = self._prepare()
+            except QemuLayoutError as e:
+                raise BackendError(str(e)) from None
+            except QemuUnavailable as e:
+                raise QemuFailed(str(e)) from None
+            except OSError as e:
+                raise QemuFailed(f"cannot set up the QEMU run: {e}") from None
+            try:
+                asyncio.run(self._main(argv))
+            except KeyboardInterrupt:
+                self._end("aborted", "interrupted")
+                self._finish()
+                raise Interrupted(self.outcome) from None
+            self._finish()
+            return self.outcome
+        finally:
+            self._teardown()
+
+    async def _main(self, argv: list[str]) -> None:
+        from qemu.qmp import QMPClient
+
+        qmp = QMPClient(f"faultline-{self.sc.name}")
+        doorbell_conn: asyncio.Future[asyncio.StreamReader] = \
+            asyncio.get_running_loop().create_future()
+
+        async def on_doorbell(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if not doorbell_conn.done():
+                doorbell_conn.set_result(reader)
+
+        server = await asyncio.start_unix_server(on_doorbell, path=str(self.paths.doorbell))
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            await qmp.start_server(str(self.paths.qmp))
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent)
+            self.pid = self.proc.pid
+            self.log.emit("qemu_start", pid=self.pid, argv=argv)
+            tasks.append(asyncio.create_task(self._read_stderr()))
+            exited = asyncio.create_task(self.proc.wait())
+            tasks.append(exited)
+            accept = asyncio.create_task(qmp.accept())
+            tasks.append(accept)
+            await asyncio.wait({accept, exited}, timeout=START_TIMEOUT_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not accept.done() or accept.exception() is not None:
+                await self._start_failed(exited)
+            reader = await asyncio.wait_for(doorbell_conn, START_TIMEOUT_S)
+            ver = await qmp.execute("query-version")
+            self.log.emit("qmp_connected", version=ver)
+            self._resize_files()
+            for ev in self.sc.events:
+                if ev.trigger.task is None:
+                    await self._fire(qmp, ev, None)
+            self.last_progress = time.monotonic()
+            await qmp.execute("cont")
+            self.log.emit("qmp_cont")
+            tasks.append(asyncio.create_task(self._doorbell_loop(qmp, reader)))
+            events = asyncio.create_task(self._qmp_events(qmp))
+            tasks.append(events)
+            done_wait = asyncio.create_task(self.done.wait())
+            tasks.append(done_wait)
+            while not done_wait.done() and not exited.done():
+                await asyncio.wait({done_wait, exited}, timeout=0.1,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                limit = self.watchdog_s + (0 if self.booted else self.boot_allowance_s)
+                if not self.ending and time.monotonic() - self.last_progress > limit:
+                    self._end("hung", f"watchdog: no report from the guest for {limit:g} s")
+                    self.log.emit("vm_hung", reason=self.outcome.reason)
+            if exited.done() and not self.ending:
+                await asyncio.sleep(0.05)  # let QEMU's last stderr line and events arrive
+                self._crashed(exited.result())
+            elif not exited.done():
+                if self.outcome.vm == "hung":
+                    await self._hung_stats(qmp)
+                    self._kill()  # the vCPUs may be stuck; QEMU itself answers or not
+                else:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(qmp.execute("quit"), QUIT_TIMEOUT_S)
+                try:
+                    await asyncio.wait_for(asyncio.shield(exited), QUIT_TIMEOUT_S)
+                except TimeoutError:
+                    self._kill()
+                    await exited
+            self.outcome.qemu = {**(self.outcome.qemu or {}),
+                                 "exit_status": self.proc.returncode}
+        finally:
+            for t in tasks:
+                t.cancel()
+            with contextlib.suppress(Exception):
+                await qmp.disconnect()
+            server.close()
+            self._kill()
+            if self.proc is not None and self.proc.returncode is None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.proc.wait(), QUIT_TIMEOUT_S)
+
+    async def _hung_stats(self, qmp: Any) -> None:
+        """Where a hung VM's vCPUs are: KVM's own counters (QMP query-stats), sampled twice
+        a second apart. Page faults taken with no exit to QEMU is KVM retrying a fault it
+        cannot resolve (its async page-fault path), not a guest spinning."""
+        samples = []
+        for i in range(2):
+            try:
+                res = await asyncio.wait_for(qmp.execute("query-stats", {"target": "vcpu"}), 2)
+            except Exception as e:  # stats are evidence, not the verdict
+                self.log.emit("qmp_stats_error", error=f"{type(e).__name__}: {e}")
+                return
+            samples.append([{s["name"]: s["value"] for p in v.get("providers", [v])
+                             for s in p.get("stats", []) if s["name"] in KVM_STATS}
+                            for v in res])
+            if i == 0:
+                await asyncio.sleep(1.0)
+        per_vcpu = [{k: b.get(k, 0) - a.get(k, 0) for k in KVM_STATS}
+                    for a, b in zip(samples[0], samples[1], strict=False)]
+        self.log.emit("qemu_kvm_stats", per_second=per_vcpu)
+        assert self.outcome.qemu is not None
+        self.outcome.qemu["kvm_stats_per_s"] = per_vcpu
+        looping = [f"vCPU {i}: {st['pf_taken']} page faults/s in KVM, "
+                   f"{st['mmio_exits'] + st['io_exits']} exits to QEMU"
+                   for i, st in enumerate(per_vcpu) if st["pf_taken"]]
+        if looping:
+            self.outcome.reason += f" ({'; '.join(looping)})"
+
+    async def _start_failed(self, exited: asyncio.Task[int]) -> None:
+        """QEMU exited (or never connected its monitor) before the guest ran."""
+        if not exited.done():
+            self._kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exited), QUIT_TIMEOUT_S)
+            raise QemuFailed(f"QEMU did not connect its monitor within {START_TIMEOUT_S:g} s"
+                               + (f": {self.stderr_tail[-1]}" if self.stderr_tail else ""))
+        await asyncio.sleep(0.05)  # the stderr reader's last line
+        rc = exited.result()
+        how = f"killed by {_signal_name(-rc)}" if rc < 0 else f"exit status {rc}"
+        last = self.stderr_tail[-1] if self.stderr_tail else "no message"
+        raise QemuFailed(f"QEMU failed to start ({how}): {last}")
+
+    async def _read_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            text = line.decode("utf-8", "replace").rstrip()
+            if text:
+                self.stderr_tail.append(text)
+                self.log.emit("qemu_stderr", text=text)
+
+    async def _qmp_events(self, qmp: Any) -> None:
+        """QEMU stopping or resetting the VM by itself ends the run as `aborted`."""
+        async for ev in qmp.events:
+            name = ev["event"]
+            data = ev.get("data", {})
+            self.log.emit("qmp_event", event=name, data=data)
+            if self.ending:
+                continue
+            if name == "SHUTDOWN":
+                self._end("aborted", f"QEMU shut the VM down ({data.get('reason', '?')})")
+            elif name == "GUEST_PANICKED":
+                self._end("aborted", f"QEMU: guest panicked ({data})")
+            elif name == "STOP":
+                status = (await qmp.execute("query-status")).get("status", "?")
+                if status in ("internal-error", "io-error", "guest-panicked", "shutdown"):
+                    last = f": {self.stderr_tail[-1]}" if self.stderr_tail else ""
+                    self._end("aborted", f"QEMU stopped the VM ({status}){last}")
+
+    def _end(self, vm: str, reason: str) -> None:
+        if self.ending:
+            return
+        self.ending = True
+        self.outcome.vm = vm
+        self.outcome.reason = reason
+        if vm == "aborted":
+            self.log.emit("vm_abort", reason=reason)
+        self.done.set()
+
+    def _crashed(self, rc: int) -> None:
+        """QEMU's process died under the running guest."""
+        last = self.stderr_tail[-1] if self.stderr_tail else ""
+        sig = _signal_name(-rc) if rc < 0 else None
+        how = f"killed by {sig}" if sig else f"exited with status {rc}"
+        self._end("crashed", f"QEMU {how}" + (f": {last}" if last else ""))
+        assert self.outcome.qemu is not None
+        self.outcome.qemu.update({"signal": sig, "stderr": last or None})
+        self.log.emit("qemu_crash", exit_status=rc, signal=sig, stderr=last or None)
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+    def _resize_files(self) -> None:
+        """QEMU has mapped the full-size files: cut them to the scenario's sizes."""
+        for f in self.sc.files:
+            if f.size < f.window_bytes:
+                os.ftruncate(self.fds[f.name], f.size)
+
+    # --- reports ----------------------------------------------------------------------------
+    async def _doorbell_loop(self, qmp: Any, reader: asyncio.StreamReader) -> None:
+        while data := await reader.read(256):
+            for byte in data:
+                self.doorbells += 1
+                await self._on_doorbell(qmp, byte)
+
+    async def _on_doorbell(self, qmp: Any, byte: int) -> None:
+        ram = self.ram
+        assert ram is not None
+        gpa = abi.REPORT_BUF_GPA + byte * abi.DOORBELL_UNIT
+        if gpa + _PENDING + 8 > len(ram):
+            self._bad_report(f"doorbell {byte:#x}: record gpa {gpa:#x} outside RAM")
+            return
+        try:
+            await self._report(qmp, gpa)
+        finally:
+            ram[gpa + _PENDING:gpa + _PENDING + 8] = bytes(8)  # the guest goes on
+
+    async def _report(self, qmp: Any, gpa: int) -> None:
+        assert self.ram is not None
+        kind, magic, vcpu, tix, a, b, c, d = _REPORT.unpack_from(self.ram, gpa)
+        name = abi.REPORT_KINDS.get(kind)
+        if magic != abi.REPORT_MAGIC or name is None:
+            self._bad_report(f"bad record at {gpa:#x}: kind {kind} magic {magic:#x}")
+            return
+        tasks = self.sc.tasks
+        task = tasks[tix].name if tix < len(tasks) else None
+        if tix != abi.NO_TASK and task is None:
+            self._bad_report(f"{name} record names task {tix}, which does not exist")
+            return
+        self.last_progress = time.monotonic()
+        emit = self.log.emit
+        if kind == abi.R_BOOT:
+            self.booted = True
+            emit("guest_boot", vcpu=vcpu, tasks=b)
+        elif kind == abi.R_TASK_START:
+            emit("task_start", vcpu=vcpu, task=task, insns=a)
+        elif kind == abi.R_STEP and task is not None:
+            prog = self.sc.task(task).program
+            emit("task_step", vcpu=vcpu, task=task, pc=a, steps=b,
+                 insn=prog[a].text if a < len(prog) else None)
+            self.steps[task] = b
+            await self._fire_triggers(qmp, task, b, vcpu)
+        elif kind == abi.R_VALUE:
+            self._value(vcpu, task, a, b, c, d)
+        elif kind == abi.R_EXIT and task is not None:
+            emit("task_exit", vcpu=vcpu, task=task, code=a)
+            self._finish_task(task, TaskOutcome("exited", a, None))
+            # `exit` is a step (docs/scenarios.md) reported with R_EXIT: triggers fire here
+            steps = self.steps.get(task, 0) + 1
+            self.steps[task] = steps
+            await self._fire_triggers(qmp, task, steps, vcpu)
+        elif kind == abi.R_SIGNAL:
+            code = abi.SI_CODES.get((a, b), f"sig{a}/{b}")
+            emit("guest_signal", vcpu=vcpu, task=task, signo=a, code=code, vaddr=hex(c),
+                 gpa=hex(d))
+            if task is not None:
+                fate = "sigbus" if a == abi.SIGBUS else "killed"
+                self._finish_task(task, TaskOutcome(fate, None, Signal(code, c)))
+        elif kind == abi.R_OFFLINE:
+            npages = max(1, min(c, 1 << 20))
+            self.outcome.offlined.update(range(a, a + npages * abi.PAGE_SIZE, abi.PAGE_SIZE))
+            emit("guest_memory_failure", vcpu=vcpu, gpa=hex(a), pages=npages, source=b)
+        elif kind == abi.R_EXCEPTION:
+            emit("guest_exception", vcpu=vcpu, task=task, vector=a, error_code=hex(b),
+                 rip=hex(c), cr2=hex(d))
+        elif kind == abi.R_IDLE:
+            emit("vcpu_idle", vcpu=vcpu)
+            self.idle.add(vcpu)
+        elif kind == abi.R_PANIC:
+            emit("guest_panic", vcpu=vcpu, code=a, detail=[hex(b), hex(c), hex(d)])
+            self._end("aborted", f"guest panic on vCPU {vcpu} (code {a})")
+        else:  # R_MCE, R_NOTIFY: QEMU injected nothing of ours; log what the guest said
+            emit(f"guest_{name}", vcpu=vcpu, task=task, a=hex(a), b=hex(b), c=hex(c), d=hex(d))
+        if len(self.finished_tasks) == len(tasks) and len(self.idle) >= self.sc.vcpus:
+            self.ending = True  # completed: the quit that follows is ours
+            self.done.set()
+
+    def _value(self, vcpu: int, task: str | None, a: int, b: int, c: int, d: int) -> None:
+        kinds = ("read", "write", "exec", "kread")
+        kind = kinds[d] if d < len(kinds) else str(d)
+        self.log.emit("guest_value", vcpu=vcpu, task=task, op=kind, vaddr=hex(a), value=hex(b),
+                      gpa=hex(c))
+        f = next((f for f in self.sc.files
+                  if f.window_gpa <= c < f.window_gpa + f.window_bytes), None)
+        if f is None:
+            return
+        if kind == "write":
+            self.writes[c] = b
+            return
+        offset = (c & ~(abi.PAGE_SIZE - 1)) - f.window_gpa
+        if offset >= os.fstat(self.fds[f.name]).st_size:
+            self.outcome.bad_values.append(
+                f"task {task} read {b:#x} from gpa {c:#x}, a page that cannot be backed")
+
+    def _bad_report(self, why: str) -> None:
+        self.bad_reports += 1
+        self.log.emit("guest_bad_report", error=why)
+        if self.bad_reports >= 64:
+            self._end("aborted", f"guest protocol error: {self.bad_reports} bad reports")
+
+    def _finish_task(self, task: str, fate: TaskOutcome) -> None:
+        if task not in self.finished_tasks:
+            self.finished_tasks.add(task)
+            self.outcome.tasks[task] = fate
+
+    # --- host events ----------------------------------------------------------------------
+    async def _fire_triggers(self, qmp: Any, task: str, step: int, vcpu: int) -> None:
+        for ev in self.sc.events:
+            if ev.trigger.task == task and ev.trigger.step == step:
+                await self._fire(qmp, ev, vcpu)
+
+    async def _fire(self, qmp: Any, ev: HostEvent, vcpu: int | None) -> None:
+        """The reporting vCPU waits for its acknowledgement; the others are stopped with
+        QMP `stop` while the file changes (our VMM parks them the same way)."""
+        stop = vcpu is not None and self.sc.vcpus > 1
+        if stop:
+            await qmp.execute("stop")
+        try:
+            self._change_file(ev, vcpu)
+        finally:
+            if stop:
+                await qmp.execute("cont")
+
+    def _change_file(self, ev: HostEvent, vcpu: int | None) -> None:
+        from faultline.vmm.runner import _WRITE_SNIPPET, _punch_hole
+
+        fd = self.fds[ev.file]
+        path = str(self.run_dir / self.sc.file(ev.file).path)
+        before = os.fstat(fd).st_size
+        common: dict[str, Any] = dict(vcpu=vcpu, action=ev.action, file=ev.file, path=path,
+                                      by=ev.by, trigger=str(ev.trigger), size_before=before)
+        if ev.action == "extend" and ev.size is not None and ev.size <= before:
+            self.log.emit("host_event", **common, size_after=before, skipped="already larger")
+            return
+        argv: list[str] = []
+        if ev.action in ("truncate", "extend"):
+            assert ev.size is not None
+            argv = ["truncate", "-s", str(ev.size), path]
+            if ev.by == "runner":
+                os.truncate(path, ev.size)
+        elif ev.action == "punch-hole":
+            argv = ["fallocate", "-p", "-o", str(ev.offset), "-l", str(ev.length), path]
+            if ev.by == "runner":
+                _punch_hole(fd, ev.offset, ev.length)
+        elif ev.action == "write":
+            argv = ["python3", "-c", _WRITE_SNIPPET, path, str(ev.offset), str(ev.value)]
+            if ev.by == "runner":
+                os.pwrite(fd, ev.value.to_bytes(8, "little"), ev.offset)
+        if ev.by == "subprocess" and argv:
+            subprocess.run(argv, check=True, capture_output=True, timeout=30)
+        self.log.emit("host_event", **common, size_after=os.fstat(fd).st_size,
+                      offset=ev.offset, length=ev.length)
+
+    # --- end of run ---------------------------------------------------------------------------
+    def _finish(self) -> None:
+        o = self.outcome
+        for name, t in o.tasks.items():
+            if name not in self.finished_tasks:
+                t.fate = {"crashed": "lost", "aborted": "killed"}.get(o.vm, "hung")
+        o.count_exit("doorbell", self.doorbells)
+        self._serial()
+        self._check_files()
+        self.log.emit("vm_stop", vm=o.vm, reason=o.reason)
+        self.log.emit("outcome", outcome=o.to_json())
+
+    def _serial(self) -> None:
+        with contextlib.suppress(OSError):
+            for line in self.paths.serial.read_text(errors="replace").splitlines():
+                self.log.emit("serial", vcpu=None, text=line)
+
+    def _check_files(self) -> None:
+        """The DAX files must hold what the tasks wrote (where the page still exists)."""
+        for gpa, value in sorted(self.writes.items()):
+            f = next(f for f in self.sc.files
+                     if f.window_gpa <= gpa < f.window_gpa + f.window_bytes)
+            off = gpa - f.window_gpa
+            fd = self.fds[f.name]
+            if off + 8 > os.fstat(fd).st_size:
+                continue
+            got = int.from_bytes(os.pread(fd, 8, off), "little")
+            if got != value:
+                self.outcome.file_mismatches.append(
+                    f"{f.name} +{off:#x}: the guest wrote {value:#x}, the file has {got:#x}")
+        self.log.emit("file_check", writes=len(self.writes),
+                      mismatches=self.outcome.file_mismatches)
+
+    def _teardown(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            # whatever happened above (an interrupt mid-teardown): no QEMU outlives the run
+            assert self.pid is not None
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+        if self.ram is not None:
+            self.ram.close()
+            self.ram = None
+        self.log.close()
+        if not self.keep:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def run_qemu(scenario: Scenario, *, events_path: str | Path | None = None,
+             **kw: Any) -> Outcome:
+    """Run a scenario under QEMU and return its outcome (the event log is written as it
+    goes, also when the run fails)."""
+    return QemuRun(scenario, events_path=events_path, **kw).run()
+
+
+def qemu_available(binary: str | None = None) -> tuple[bool, str]:
+    """Whether QEMU can be used here, and its version or why not."""
+    try:
+        return True, qemu_version(find_qemu(binary))
+    except QemuUnavailable as e:
+        return False, str(e)
