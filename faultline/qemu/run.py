@@ -42,6 +42,7 @@ from faultline.qemu.command import (
     RunPaths,
     command,
     find_qemu,
+    maxmem,
     qemu_version,
 )
 from faultline.scenario import HostEvent, Scenario, file_contents
@@ -100,6 +101,7 @@ class QemuRun:
         self.kernel = kernel
         self.cpu = cpu
         self.extra_args = extra_args
+        self.own_log = log is None  # a caller's log stays open: it may add an error line
         self.log = log if log is not None else EventLog(events_path)
         self.outcome = Outcome(scenario.name, "qemu", DESIGN, POLICY, profile="qemu",
                                events_path=self.log.path)
@@ -135,6 +137,7 @@ class QemuRun:
         from faultline.vmm import boot
 
         sc = self.sc
+        maxmem(sc)  # a layout QEMU cannot build is refused before anything starts
         binary = find_qemu(self.qemu_arg)
         version = qemu_version(binary)
         assert self.outcome.qemu is not None
@@ -191,7 +194,7 @@ class QemuRun:
             self._teardown()
 
     async def _main(self, argv: list[str]) -> None:
-        from qemu.qmp import QMPClient
+        from qemu.qmp import QMPClient, Runstate
 
         qmp = QMPClient(f"faultline-{self.sc.name}")
         doorbell_conn: asyncio.Future[asyncio.StreamReader] = \
@@ -261,8 +264,10 @@ class QemuRun:
         finally:
             for t in tasks:
                 t.cancel()
-            with contextlib.suppress(Exception):
-                await qmp.disconnect()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if qmp.runstate == Runstate.RUNNING:
+                with contextlib.suppress(Exception):
+                    await qmp.disconnect()
             server.close()
             self._kill()
             if self.proc is not None and self.proc.returncode is None:
@@ -569,7 +574,10 @@ class QemuRun:
         if self.ram is not None:
             self.ram.close()
             self.ram = None
-        self.log.close()
+        if self.own_log:
+            self.log.close()
+        else:
+            self.log.flush()
         if not self.keep:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
