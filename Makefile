@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow guest fuzz conform-long bench clean
+.PHONY: demo test test-slow guest qemu fuzz conform-long bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,10 +15,22 @@ $(STAMP): pyproject.toml
 guest: $(STAMP)
 	$(BIN)/python -m faultline.guest.build
 
-demo: guest
+# QEMU is a system package: installed here when missing and running as root; otherwise
+# the QEMU tests skip, with the reason.
+qemu:
+	@command -v qemu-system-x86_64 >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing qemu-system-x86 (apt-get)"; \
+	    (apt-get update -q && apt-get install -y -q qemu-system-x86) >/dev/null \
+	      || echo "faultline: could not install qemu-system-x86: the QEMU tests will skip"; \
+	  else \
+	    echo "faultline: qemu-system-x86_64 missing (not root or no apt-get): the QEMU tests will skip"; \
+	  fi; }
+
+demo: guest qemu
 	$(BIN)/faultline demo
 
-test: guest
+test: guest qemu
 	$(BIN)/ruff check faultline tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q

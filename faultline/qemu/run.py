@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import logging
 import mmap
 import os
 import shutil
@@ -196,6 +197,9 @@ class QemuRun:
     async def _main(self, argv: list[str]) -> None:
         from qemu.qmp import QMPClient, Runstate
 
+        # qemu.qmp logs a traceback when QEMU drops the monitor (it dies, or we kill it):
+        # that is an outcome here (crashed, hung), reported once, by us.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
         qmp = QMPClient(f"faultline-{self.sc.name}")
         doorbell_conn: asyncio.Future[asyncio.StreamReader] = \
             asyncio.get_running_loop().create_future()
@@ -265,7 +269,7 @@ class QemuRun:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if qmp.runstate == Runstate.RUNNING:
+            if qmp.runstate in (Runstate.RUNNING, Runstate.DISCONNECTING):
                 with contextlib.suppress(Exception):
                     await qmp.disconnect()
             server.close()
