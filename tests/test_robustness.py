@@ -121,7 +121,7 @@ BAD_INPUT: list[tuple[str, str, list[str], str]] = [
     ("unknown design", BASE, ["--backend", "model", "--design", "magic"],
      "unknown design 'magic'"),
     ("unknown policy", BASE, ["--policy", "pray"], "unknown policy 'pray'"),
-    ("unknown backend", BASE, ["--backend", "qemu"], "unknown backend 'qemu'"),
+    ("unknown backend", BASE, ["--backend", "bochs"], "unknown backend 'bochs'"),
     ("poison on real KVM", BASE + '[[events]]\naction = "poison"\nfile = "dax0"\n',
      ["--backend", "kvm"], "'poison' needs real hardware poison"),
     ("not a scenario file", "\x00\x01binary", [], "malformed TOML"),

@@ -225,7 +225,7 @@ class QemuRun:
             await asyncio.wait({accept, exited}, timeout=START_TIMEOUT_S,
                                return_when=asyncio.FIRST_COMPLETED)
             if not accept.done() or accept.exception() is not None:
-                await self._start_failed(exited)
+                await self._start_failed(exited, accept)
             reader = await asyncio.wait_for(doorbell_conn, START_TIMEOUT_S)
             ver = await qmp.execute("query-version")
             self.log.emit("qmp_connected", version=ver)
@@ -305,13 +305,19 @@ class QemuRun:
         if looping:
             self.outcome.reason += f" ({'; '.join(looping)})"
 
-    async def _start_failed(self, exited: asyncio.Task[int]) -> None:
+    async def _start_failed(self, exited: asyncio.Task[int], accept: asyncio.Task[None]) -> None:
         """QEMU exited (or never connected its monitor) before the guest ran."""
+        if not exited.done() and accept.done():
+            # the monitor connected, then went: QEMU is on its way out (e.g. a bad -cpu)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exited), QUIT_TIMEOUT_S)
         if not exited.done():
             self._kill()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(exited), QUIT_TIMEOUT_S)
-            raise QemuFailed(f"QEMU did not connect its monitor within {START_TIMEOUT_S:g} s"
+            why = (f"its monitor failed ({accept.exception()})" if accept.done()
+                   else f"it did not connect its monitor within {START_TIMEOUT_S:g} s")
+            raise QemuFailed(f"QEMU failed to start: {why}"
                                + (f": {self.stderr_tail[-1]}" if self.stderr_tail else ""))
         await asyncio.sleep(0.05)  # the stderr reader's last line
         rc = exited.result()

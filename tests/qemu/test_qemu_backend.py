@@ -17,9 +17,9 @@ import pytest
 
 from faultline import conform
 from faultline.outcome import EventLog, Outcome, check
-from faultline.qemu.run import QemuRun, QemuRunError, run_qemu
+from faultline.qemu.run import QemuRun, run_qemu
 from faultline.scenario import load
-from faultline.vmm.runner import run_kvm
+from faultline.vmm.runner import BackendError, run_kvm
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SCENARIOS = ROOT / "scenarios"
@@ -248,7 +248,7 @@ def test_bad_layout_is_one_line() -> None:
     sc = load(SCENARIOS / "hello.toml")
     low = dataclasses.replace(sc, files=(dataclasses.replace(sc.files[0],
                                                              window_gpa=0x8000_0000),))
-    with pytest.raises(QemuRunError, match="below 4 GiB"):
+    with pytest.raises(BackendError, match="below 4 GiB"):
         run_qemu(low)
 
 
