@@ -8,7 +8,7 @@
  * off, %eax = MB_MAGIC_EAX, %ebx = the multiboot info. mb_entry32 copies the module to
  * BOOT_INFO_GPA, masks the 8259s (SeaBIOS leaves the PIT's IRQ 0 on vector 8, our #DF
  * gate), starts the other vCPUs (INIT + SIPI to ap_tramp copied below 1 MiB), then every
- * vCPU switches to long mode with the static boot tables below and enters _start as on
+ * vCPU switches to long mode with boot page tables at MB_PML4 and enters _start as on
  * our VMM: %rdi = boot info GPA, %rsi = vCPU id (the APIC id). BOOT_INFO_GPA and
  * BOOT_INFO_MAX_BYTES are linker symbols (build.py: --defsym from faultline.abi). */
 #define MB_MAGIC 0x1BADB002
@@ -22,6 +22,11 @@
 #define ICR_SIPI_ALL_BUT_SELF 0x000C4600
 #define AP_TRAMPOLINE_GPA 0x30000 /* free below 1 MiB: past the VMM's boot tables */
 #define BOOT_CS32 0x18
+/* Boot page tables (identity map of 1 GiB, 2 MiB pages), built below 1 MiB where our VMM
+ * puts its own (vmm/boot.py): not in the image, whose size the guest's heap budget counts. */
+#define MB_PML4 0x21000
+#define MB_PDPT 0x22000
+#define MB_PD   0x23000
 
     .section .text.multiboot, "ax"
     .balign 4
@@ -54,6 +59,19 @@ mb_entry32:
     ja mb_fail
     mov $BOOT_INFO_GPA, %edi     /* the module sits in what becomes the kernel heap */
     rep movsb
+    mov $MB_PML4, %edi
+    xor %eax, %eax
+    mov $(3 * 4096 / 4), %ecx
+    rep stosl
+    movl $(MB_PDPT + 3), MB_PML4
+    movl $(MB_PD + 3), MB_PDPT
+    mov $MB_PD, %edi
+    mov $0x83, %eax              /* present, writable, 2 MiB page */
+    mov $512, %ecx
+1:  mov %eax, (%edi)
+    add $0x200000, %eax
+    add $8, %edi
+    loop 1b
     mov $0xff, %al
     out %al, $0xa1
     out %al, $0x21
@@ -99,7 +117,7 @@ mb_long32:
     mov %cr4, %eax
     or $0x60, %eax               /* PAE | MCE */
     mov %eax, %cr4
-    mov $boot_pml4, %eax
+    mov $MB_PML4, %eax
     mov %eax, %cr3
     mov $0xC0000080, %ecx        /* EFER.LME */
     rdmsr
@@ -151,20 +169,6 @@ boot_gdtr:
     .word boot_gdt_end - boot_gdt - 1
     .long boot_gdt
 
-/* Identity map of the first 1 GiB with 2 MiB pages (the kernel replaces it at once). */
-    .balign 4096
-boot_pml4:
-    .quad boot_pdpt + 3
-    .fill 511, 8, 0
-boot_pdpt:
-    .quad boot_pd + 3
-    .fill 511, 8, 0
-boot_pd:
-    .set i, 0
-    .rept 512
-    .quad (i << 21) | 0x83
-    .set i, i + 1
-    .endr
 
     .code64
     .section .text.entry, "ax"
