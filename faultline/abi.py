@@ -9,6 +9,7 @@ a task virtual address means the same thing on ``kvm`` and on ``model``.
 from __future__ import annotations
 
 import struct
+from typing import Any, NamedTuple
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -150,6 +151,12 @@ PANIC_BAD_BOOT_INFO = 1  # b = which check failed, c = boot info gpa
 PANIC_KERNEL_EXCEPTION = 2  # b = vector, c = rip, d = cr2 (after an R_EXCEPTION)
 PANIC_NO_MEMORY = 3  # the guest's page allocator (below ANON_POOL_GPA) ran out
 PANIC_KERNEL_MCE = 4  # an action-required #MC in kernel mode outside a fixable copy
+PANIC_NAMES = {
+    PANIC_BAD_BOOT_INFO: "bad boot info",
+    PANIC_KERNEL_EXCEPTION: "exception in kernel mode",
+    PANIC_NO_MEMORY: "out of guest kernel memory",
+    PANIC_KERNEL_MCE: "action-required machine check in kernel mode",
+}
 REPORT_KINDS = {
     R_BOOT: "boot",
     R_TASK_START: "task_start",
@@ -167,6 +174,94 @@ REPORT_KINDS = {
 OFFLINE_MCE_AR = 1
 OFFLINE_MCE_AO = 2
 OFFLINE_NOTIFY = 3
+OFFLINE_SOURCES = {OFFLINE_MCE_AR: "mce-ar", OFFLINE_MCE_AO: "mce-ao", OFFLINE_NOTIFY: "notify"}
+
+
+# The four u64 words (a, b, c, d) of each report kind, by name: the VMM decodes a record
+# into one of these (faultline.vmm.reports) and never handles the words positionally.
+class BootReport(NamedTuple):
+    vcpu_id: int
+    tasks: int
+
+
+class TaskStartReport(NamedTuple):
+    insns: int
+
+
+class StepReport(NamedTuple):
+    pc: int
+    steps: int
+
+
+class ValueReport(NamedTuple):
+    vaddr: int
+    value: int
+    gpa: int
+    op: int  # VALUE_*
+
+
+class ExitReport(NamedTuple):
+    code: int
+
+
+class SignalReport(NamedTuple):
+    signo: int
+    si_code: int
+    vaddr: int
+    gpa: int
+
+
+class OfflineReport(NamedTuple):
+    gpa: int
+    source: int  # OFFLINE_*
+    pages: int
+
+
+class MceReport(NamedTuple):
+    mcg_status: int
+    mci_status: int
+    mci_addr: int
+    mci_misc: int
+
+
+class NotifyReport(NamedTuple):
+    records: int
+    pages: int
+
+
+class ExceptionReport(NamedTuple):
+    vector: int
+    error_code: int
+    rip: int
+    cr2: int
+
+
+class IdleReport(NamedTuple):
+    vcpu_id: int
+
+
+class PanicReport(NamedTuple):
+    code: int  # PANIC_*
+    detail1: int
+    detail2: int
+    detail3: int
+
+
+REPORT_RECORDS: dict[int, Any] = {  # kind -> its NamedTuple
+    R_BOOT: BootReport,
+    R_TASK_START: TaskStartReport,
+    R_STEP: StepReport,
+    R_VALUE: ValueReport,
+    R_EXIT: ExitReport,
+    R_SIGNAL: SignalReport,
+    R_OFFLINE: OfflineReport,
+    R_MCE: MceReport,
+    R_NOTIFY: NotifyReport,
+    R_EXCEPTION: ExceptionReport,
+    R_IDLE: IdleReport,
+    R_PANIC: PanicReport,
+}
+VALUE_OPS = {VALUE_READ: "read", VALUE_WRITE: "write", VALUE_EXEC: "exec", VALUE_KREAD: "kread"}
 
 SIGBUS = 7
 SIGSEGV = 11
@@ -174,11 +269,13 @@ BUS_ADRERR = 2
 BUS_MCEERR_AR = 4
 BUS_MCEERR_AO = 5
 SEGV_MAPERR = 1
+SEGV_ACCERR = 2
 SI_CODES = {
     (SIGBUS, BUS_ADRERR): "BUS_ADRERR",
     (SIGBUS, BUS_MCEERR_AR): "BUS_MCEERR_AR",
     (SIGBUS, BUS_MCEERR_AO): "BUS_MCEERR_AO",
     (SIGSEGV, SEGV_MAPERR): "SEGV_MAPERR",
+    (SIGSEGV, SEGV_ACCERR): "SEGV_ACCERR",
 }
 
 # --- Reports under QEMU (faultline/qemu; docs/qemu.md) ---------------------------------

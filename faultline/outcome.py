@@ -201,6 +201,7 @@ class EventLog:
         self._clock = clock  # "us": wall microseconds (kvm); "step": model step numbers
         self.step = 0
         self.events: list[dict[str, Any]] = []
+        self._closed = False
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._later: list[tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = []
         self._writer: threading.Thread | None = None
@@ -210,10 +211,31 @@ class EventLog:
         self.dropped: dict[str, int] = {}  # kind -> events not kept (see the class doc)
         self._summarised = False
         self._closed_path = ""  # set by close(): where events emitted after it go
+        self._subscribers: list[Callable[[dict[str, Any]], None]] = []
+        self.subscriber_errors: list[str] = []
         if self._fh is not None:
-            self._writer = threading.Thread(target=self._write_loop, name="eventlog",
-                                            daemon=True)
-            self._writer.start()
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        self._writer = threading.Thread(target=self._write_loop, name="eventlog", daemon=True)
+        self._writer.start()
+
+    def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event emitted from now on, in order, with its
+        fields complete (emit_later's too), on the writer thread (started for it when the
+        log has no file): never on the emitting thread, so a vCPU never waits for it. A
+        callback that raises is dropped, its error kept in ``subscriber_errors``.
+        Returns the function that unsubscribes it."""
+        with self._lock:
+            self._subscribers = [*self._subscribers, callback]
+            if self._writer is None and self._fh is None and not self._closed:
+                self._start_writer()
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._subscribers = [c for c in self._subscribers if c is not callback]
+
+        return unsubscribe
 
     def emit(self, kind: str, *, vcpu: int | None = None, task: str | None = None,
              **fields: Any) -> dict[str, Any]:
@@ -314,7 +336,6 @@ class EventLog:
 
     def _write_loop(self) -> None:
         fh: IO[str] | None = self._fh
-        assert fh is not None
         get_nowait, empty = self._q.get_nowait, queue.Empty
         dumps, stop, fill, sleep, poll = json.dumps, self._STOP, self._fill, time.sleep, \
             self.POLL_S
@@ -336,13 +357,24 @@ class EventLog:
                     continue
                 else:
                     ev = item
+                if self._subscribers:
+                    self._publish(ev)
                 if fh is None:
-                    continue  # the file failed: events still get their fields, in memory
+                    continue  # no file, or it failed: events still get their fields
                 try:
                     fh.write(dumps(ev, default=_jsonable) + "\n")
                 except OSError as e:  # e.g. ENOSPC: keep the run going, say so once
                     self.write_error = f"{self.path}: {e.strerror or e}"
                     fh = None
+
+    def _publish(self, ev: dict[str, Any]) -> None:
+        for cb in self._subscribers:
+            try:
+                cb(ev)
+            except Exception as e:  # a broken subscriber must not stop the log
+                with self._lock:
+                    self._subscribers = [c for c in self._subscribers if c is not cb]
+                self.subscriber_errors.append(f"{type(e).__name__}: {e}")
 
     def flush(self) -> None:
         """Wait until every event emitted so far has its fields (and is written)."""
@@ -361,6 +393,7 @@ class EventLog:
     def close(self) -> None:
         self._summarise_drops()
         with self._lock:
+            self._closed = True
             writer, self._writer = self._writer, None
         if writer is not None:
             self._q.put(self._STOP)

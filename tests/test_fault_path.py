@@ -232,7 +232,7 @@ def test_runner_handles_synthetic_hardware_exits(tmp_path: Path) -> None:
         os.truncate(r.run_dir / "dax0", 0x2000)
         v = r.vcpus[0]
         buf = _run_buf(uapi.KVM_EXIT_MEMORY_FAULT, struct.pack("<QQQ", 0, 0x1_0000_3000, 8))
-        assert r._on_other(v, exits.decode_exit(buf, -1, errno.EFAULT))
+        assert r.faults.on_fault_exit(v, exits.decode_exit(buf, -1, errno.EFAULT))
         assert v.pending_mce == [(0x1_0000_3000, True)]
         r.log.flush()  # the record is built after the injection is queued
         [rec] = r.outcome.faults
@@ -258,7 +258,7 @@ def test_a_resolution_that_disagrees_with_proc_maps_stops_the_vm(tmp_path: Path)
         r._setup()
         fault = MemoryFault(0x1_0000_3000, 8, "read", "memory-fault-exit", 0)
         res = r.memory.resolve(fault.gpa, cross_check=False)._replace(path="/elsewhere")
-        fields = r._record(fault, res, "beyond-eof")
+        fields = r.faults.record(fault, res, "beyond-eof")
         assert "maps: path" in fields["cause"]
         assert r.stopping and r.outcome.vm == "aborted"
         assert "disagrees with /proc/self/maps" in (r.outcome.reason or "")

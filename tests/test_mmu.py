@@ -120,20 +120,26 @@ class _Probe(KvmRun):
     gvas: list[int] = []
     seen: list[tuple[int, int | None, int | None]]
 
-    def _on_report(self, v: Any, gpa: int) -> None:
-        super()._on_report(v, gpa)
-        assert self.ram_view is not None
-        if self.stopping or struct.unpack_from("<H", self.ram_view, gpa)[0] != abi.R_STEP:
-            return
-        sregs = v.vcpu.get_sregs()
-        n = mmu.levels(sregs.cr0, sregs.cr4, sregs.efer)
-        assert n == 4 and self.ram_view is not None
-        self.seen = []
-        for gva in self.gvas:
-            t = v.vcpu.translate(gva)
-            self.seen.append((gva, t.gpa if t.valid else None,
-                              mmu.walk(self.ram_view, sregs.cr3, gva, n)))
-        self._stop("aborted", "probe done")
+    def _setup(self) -> None:
+        super()._setup()
+        on_report = self.exit_loop.on_report
+
+        def probe(v: Any, gpa: int) -> None:
+            on_report(v, gpa)
+            assert self.ram_view is not None
+            if self.stopping or struct.unpack_from("<H", self.ram_view, gpa)[0] != abi.R_STEP:
+                return
+            sregs = v.vcpu.get_sregs()
+            n = mmu.levels(sregs.cr0, sregs.cr4, sregs.efer)
+            assert n == 4 and self.ram_view is not None
+            self.seen = []
+            for gva in self.gvas:
+                t = v.vcpu.translate(gva)
+                self.seen.append((gva, t.gpa if t.valid else None,
+                                  mmu.walk(self.ram_view, sregs.cr3, gva, n)))
+            self.m.stop("aborted", "probe done")
+
+        self.exit_loop.on_report = probe
 
 
 # kernel text (4 KiB PTEs), the report buffer, anon pool (2 MiB pages), the task's anon

@@ -175,7 +175,7 @@ def prepare_image(sc: Scenario, out: Path, *, bench_exits: int = 0,
     """Guest RAM exactly as KvmRun prepares it (boot.write_boot), vCPU 0's regs/sregs/CPUID
     as boot.setup_vcpu sets them, MCE set-up and the windows: what bench.h's setup() reads."""
     from faultline.guest.build import kernel_path
-    from faultline.kvm import Kvm, uapi
+    from faultline.kvm import Kvm
     from faultline.vmm import boot
 
     out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +192,7 @@ def prepare_image(sc: Scenario, out: Path, *, bench_exits: int = 0,
             boot.setup_vcpu(rec, 0, image, kvm)
         finally:
             vm.close()
-        mcg_cap = (kvm.mce_cap_supported() & (uapi.MCG_CTL_P | uapi.MCG_SER_P)) | 10
+        mcg_cap = pol.mcg_cap(kvm.mce_cap_supported())
     for name, blob in rec.blobs.items():
         (out / name).write_bytes(blob)
     status, _addr, misc, mcg_status = pol.mce_encoding(0, True)
@@ -234,6 +234,7 @@ class MarkedRun(KvmRun):
 
     def _setup(self) -> None:
         super()._setup()
+        self._wrap_parts()
         if self.bench_exits:
             from faultline.vmm import boot
 
@@ -241,36 +242,48 @@ class MarkedRun(KvmRun):
             self.memory.write(abi.BOOT_INFO_GPA,
                               boot.build_boot_info(self.sc, bench_exits=self.bench_exits))
 
-    def _on_report(self, v: Any, gpa: int) -> None:
-        t_in = time.perf_counter_ns()
-        ram = self.ram_view
-        kind = ram[gpa] | ram[gpa + 1] << 8 if ram is not None and 0 <= gpa < len(ram) - 1 \
-            else 0
-        super()._on_report(v, gpa)
-        self.marks.append((kind, t_in, time.perf_counter_ns()))
+    def _wrap_parts(self) -> None:
+        """Time stamps around the parts the exit loop calls (wrapped before it starts)."""
+        on_report = self.exit_loop.on_report
+        on_mmio, on_fault_exit = self.faults.on_mmio, self.faults.on_fault_exit
+        notify, deliver = self.injector.notify, self.injector.deliver
 
-    def _on_mmio(self, v: Any, ex: Any) -> None:
-        if self.t_fault is None:
-            self.t_fault = time.perf_counter_ns()
-        super()._on_mmio(v, ex)
+        def timed_report(v: Any, gpa: int) -> None:
+            t_in = time.perf_counter_ns()
+            ram = self.ram_view
+            kind = ram[gpa] | ram[gpa + 1] << 8 if ram is not None and 0 <= gpa < len(ram) - 1 \
+                else 0
+            on_report(v, gpa)
+            self.marks.append((kind, t_in, time.perf_counter_ns()))
 
-    def _on_fault_exit(self, v: Any, ex: Any) -> bool:
-        if self.t_fault is None:
-            self.t_fault = time.perf_counter_ns()
-        return super()._on_fault_exit(v, ex)
+        def timed_mmio(v: Any, ex: Any) -> None:
+            if self.t_fault is None:
+                self.t_fault = time.perf_counter_ns()
+            on_mmio(v, ex)
 
-    def _notify(self, v: Any, d: Any, ar_gpa: int | None) -> None:
-        super()._notify(v, d, ar_gpa)
-        if self.t_notified is None:
-            self.t_notified = time.perf_counter_ns()
+        def timed_fault_exit(v: Any, ex: Any) -> bool:
+            if self.t_fault is None:
+                self.t_fault = time.perf_counter_ns()
+            return on_fault_exit(v, ex)
 
-    def _inject(self, v: Any, kvm_run: Any) -> None:
-        had_irq, had_mce = v.pending_irq, v.mce_injected
-        super()._inject(v, kvm_run)
-        if had_irq and not v.pending_irq and self.t_irq is None:
-            self.t_irq = time.perf_counter_ns()
-        if not had_mce and v.mce_injected and self.t_mce is None:
-            self.t_mce = time.perf_counter_ns()  # KVM_X86_SET_MCE done
+        def timed_notify(v: Any, ranges: Any, ar_gpa: int | None) -> None:
+            notify(v, ranges, ar_gpa)
+            if self.t_notified is None:
+                self.t_notified = time.perf_counter_ns()
+
+        def timed_deliver(v: Any, kvm_run: Any) -> None:
+            had_irq, had_mce = v.pending_irq, v.mce_injected
+            deliver(v, kvm_run)
+            if had_irq and not v.pending_irq and self.t_irq is None:
+                self.t_irq = time.perf_counter_ns()
+            if not had_mce and v.mce_injected and self.t_mce is None:
+                self.t_mce = time.perf_counter_ns()  # KVM_X86_SET_MCE done
+
+        self.exit_loop.on_report = timed_report
+        self.faults.on_mmio = timed_mmio  # type: ignore[method-assign]
+        self.faults.on_fault_exit = timed_fault_exit  # type: ignore[method-assign]
+        self.injector.notify = timed_notify  # type: ignore[method-assign]
+        self.injector.deliver = timed_deliver  # type: ignore[method-assign]
 
     def _teardown(self) -> None:
         try:

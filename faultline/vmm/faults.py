@@ -27,6 +27,7 @@ from faultline.abi import PAGE_SIZE
 from faultline.kvm import exits
 from faultline.memory import GuestMemory, MapsEntry, PageRanges, Region, Resolution, file_holes
 from faultline.outcome import FaultRecord
+from faultline.vmm import policy as pol
 
 EHWPOISON = exits.EHWPOISON
 
@@ -77,11 +78,6 @@ def bad_ranges(region: Region) -> PageRanges:
     first_beyond = -(-(size - region.file_offset) // PAGE_SIZE) if size > region.file_offset else 0
     out.add(region.gpa + first_beyond * PAGE_SIZE, region.size // PAGE_SIZE - first_beyond)
     return out
-
-
-def bad_pages(region: Region) -> list[int]:
-    """GPAs of the pages of a file window that cannot be backed now: beyond EOF or holes."""
-    return [g + k * PAGE_SIZE for g, n in bad_ranges(region).ranges() for k in range(n)]
 
 
 class Detector:
@@ -153,25 +149,29 @@ class Detector:
                 raise GuestUnmapped(f"vCPU {vcpu}: bare EFAULT on an access the guest no "
                                     "longer maps")
         for r in self.memory:
-            for gpa in bad_pages(r):
-                if gpa not in self.handled:
-                    return MemoryFault(gpa, PAGE_SIZE, "unknown", "bare-efault", vcpu,
-                                       poisoned=poisoned)
+            gpa = pol.pick_bare_efault_page(bad_ranges(r).ranges(), self.handled)
+            if gpa is not None:
+                return MemoryFault(gpa, PAGE_SIZE, "unknown", "bare-efault", vcpu,
+                                   poisoned=poisoned)
         raise Unrecoverable("KVM_RUN failed with a bare EFAULT and no window page is bad")
 
-    def note_handled(self, fault: MemoryFault) -> None:
-        """Count a handled fault; the same vCPU failing on the same page again after the
-        guest should have offlined it means the handling did not take: give up instead of
-        looping. Counted per vCPU: several vCPUs may each touch a page before the guest
-        has offlined it, and each gets its own event (its task touched the page)."""
+    def note_handled(self, fault: MemoryFault, in_flight: bool = False) -> bool:
+        """Count a fault about to be handled (policy.count_fault: per page and vCPU).
+        Returns False when the page's event is still on its way to this vCPU
+        (``in_flight``): nothing new to do. Raises Unrecoverable when the same vCPU keeps
+        failing on the page after it was handled: the handling did not take, and looping
+        would hang the VM."""
         page = fault.gpa & ~(PAGE_SIZE - 1)
-        self.handled[page] = self.handled.get(page, 0) + 1
         key = (page, fault.vcpu)
-        n = self.repeats.get(key, 0) + 1
+        n, verdict = pol.count_fault(self.repeats.get(key, 0), in_flight)
+        if verdict == pol.IN_FLIGHT:
+            return False
         self.repeats[key] = n
-        if n > 2:
+        self.handled[page] = self.handled.get(page, 0) + 1
+        if verdict == pol.GIVE_UP:
             raise Unrecoverable(f"gpa {page:#x} faulted {n} times on vCPU {fault.vcpu} "
                                 "after being handled")
+        return True
 
 
 def classify(memory: GuestMemory, fault: MemoryFault, res: Resolution) -> str:

@@ -1,11 +1,16 @@
-"""VMM policy: what userspace does about a guest memory fault it cannot resolve.
+"""The decision module: every decision the VMM takes after a guest memory fault or a change
+of a backing file, as pure functions.
 
-Pure logic shared by the real VMM (``faultline.vmm``) and the model
-(``faultline.model``): no I/O, no KVM bindings, no clocks. The caller classifies the
-fault (which GPA, why it is bad: beyond EOF, a hole, poisoned, read-only), describes the
-file window it lies in, and gets a :class:`Decision` back.
+Shared by the real VMM (``faultline.vmm``) and the model (``faultline.model``): no I/O, no
+KVM bindings, no clocks. The caller classifies the fault (which GPA, why it is bad: beyond
+EOF, a hole, poisoned, read-only), describes the file window it lies in, and gets a
+:class:`Decision` back. The same holds for the other decisions: which page a bare -EFAULT
+is blamed on (:func:`pick_bare_efault_page`), whether a repeated fault means the handling
+failed (:func:`count_fault`), what the proactive watcher notifies after a file changed
+(:func:`file_change_notify`). Each policy declares what it needs from the VMM
+(:data:`NEEDS`), so the VMM never tests a policy's name.
 
-Policies (as in DESIGN.md §4):
+Policies (docs/design.md):
 
 - ``abort``: QEMU today ("kvm run failed Bad address"): stop the VM. The fault is still
   resolved and logged by the caller. A hwpoison SIGBUS still becomes an #MC, as in QEMU.
@@ -14,14 +19,24 @@ Policies (as in DESIGN.md §4):
 - ``notify``: a paravirtual notification (ring record + interrupt) naming the whole bad
   range, so the guest offlines it at once.
 - ``proactive``: watch the backing files and notify on truncate / punch-hole before any
-  access (:func:`on_file_change`); a fault it missed is handled as ``notify``.
+  access (:func:`file_change_notify`); a fault it missed is handled as ``notify``.
+
+Whatever the policy, a store refused by a read-only memslot is not a memory failure: the
+page is fine and stays readable. The decision is :class:`RefuseWrite`: the writer alone
+gets SIGSEGV SEGV_ACCERR at its address (a notification record with cause ``read-only``
+that offlines nothing), as a store to a read-only file mapping does on Linux.
 """
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
+from faultline.abi import PAGE_SHIFT, PAGE_SIZE
+from faultline.pages import PageRanges
 from faultline.x86mce import (
+    MCG_CTL_P,
+    MCG_SER_P,
     MCG_STATUS_EIPV,
     MCG_STATUS_MCIP,
     MCG_STATUS_RIPV,
@@ -35,13 +50,32 @@ from faultline.x86mce import (
     MCM_ADDR_PHYS,
 )
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
+__all__ = ["PAGE_SHIFT", "PAGE_SIZE"]  # re-exported: one PAGE_SIZE (faultline.abi's)
 
 POLICIES = ("abort", "mce", "notify", "proactive")
-# The policies whose decision reads the file window (the range to notify); the others
-# decide from the cause alone, so a VMM need not look at the window for them.
-WINDOWED = frozenset({"notify", "proactive"})
+
+
+@dataclass(frozen=True, slots=True)
+class Needs:
+    """What a policy needs from the VMM beyond the fault itself.
+
+    ``window``: its decision reads the file window (the range to notify); the others decide
+    from the cause alone, so the VMM need not look at the window for them.
+    ``watch_files``: it watches the backing files and acts on a change before any access
+    (:func:`file_change_notify`).
+    """
+
+    window: bool = False
+    watch_files: bool = False
+
+
+NEEDS = {
+    "abort": Needs(),
+    "mce": Needs(),
+    "notify": Needs(window=True),
+    "proactive": Needs(window=True, watch_files=True),
+}
+WINDOWED = frozenset(p for p, n in NEEDS.items() if n.window)
 
 # Causes (the names used by FaultRecord.cause); numeric codes as in faultline.abi.CAUSE_*.
 CAUSE_CODES = {"beyond-eof": 1, "hole": 2, "poisoned": 3, "read-only": 4}
@@ -87,7 +121,15 @@ class Ignore:
     reason: str = ""
 
 
-Decision = Abort | InjectMce | Notify | Ignore
+@dataclass(frozen=True, slots=True)
+class RefuseWrite:
+    """A store refused by a read-only memslot: SIGSEGV SEGV_ACCERR to the writer at the
+    address it wrote (``gpa``, exact), nothing offlined."""
+
+    gpa: int
+
+
+Decision = Abort | InjectMce | Notify | Ignore | RefuseWrite
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +223,8 @@ def decide(policy: str, fault_gpa: int, cause: str, window: Window | None, *,
     page_gpa = fault_gpa & ~(PAGE_SIZE - 1)
     if cause not in CAUSE_CODES:
         return Abort(f"gpa {fault_gpa:#x}: unresolvable guest memory fault ({cause})")
+    if cause == "read-only":
+        return RefuseWrite(fault_gpa)
     if policy == "abort":
         if cause == "poisoned":
             # QEMU today: a hwpoison SIGBUS becomes an #MC (kvm_arch_on_sigbus_vcpu).
@@ -246,3 +290,69 @@ def pick_bare_efault_gpa(bad_gpas: list[int] | tuple[int, ...],
     windows) not yet handled; None if there is none (the caller gives up: abort)."""
     fresh = [g for g in bad_gpas if g not in handled]
     return min(fresh) if fresh else None
+
+
+def pick_bare_efault_page(bad: Iterable[tuple[int, int]],
+                          handled: Container[int]) -> int | None:
+    """:func:`pick_bare_efault_gpa` over page ranges ((first gpa, npages), ascending): a
+    truncated 1 GiB window is one range, never a list of 131,072 pages."""
+    for first, npages in bad:
+        for k in range(npages):
+            gpa = first + k * PAGE_SIZE
+            if gpa not in handled:
+                return gpa
+    return None
+
+
+# --- Repeats ---------------------------------------------------------------------------
+HANDLE, IN_FLIGHT, GIVE_UP = "handle", "in-flight", "give-up"
+
+
+def count_fault(times: int, in_flight: bool) -> tuple[int, str]:
+    """The same page faulting again on the same vCPU: counted per (page, vCPU), since
+    several vCPUs may each touch a page before the guest offlines it, and each one's task
+    needs its own event.
+
+    ``times``: how often this (page, vCPU) fault was handled already. ``in_flight``: an
+    event for this page is on its way to this vCPU (notified or queued, and the page not
+    yet offlined): the fault is that event not having arrived yet, not the handling
+    failing, so it is neither counted nor answered with a second event.
+
+    Returns (the new count, verdict): :data:`HANDLE` (decide and act), :data:`IN_FLIGHT`
+    (re-enter, nothing new), :data:`GIVE_UP` (handled more than :data:`MAX_REPEATS` times
+    and still coming back: abort rather than loop).
+    """
+    if in_flight:
+        return times, IN_FLIGHT
+    times += 1
+    return times, GIVE_UP if times > MAX_REPEATS else HANDLE
+
+
+# --- The proactive watcher ---------------------------------------------------------------
+def file_change_notify(now_bad: PageRanges, seen: PageRanges, notified: PageRanges,
+                       eof_gpa: int) -> Notify | None:
+    """What the watcher notifies after a backing file changed: the pages of the window that
+    are bad now (``now_bad``: holes and beyond EOF), minus those already bad at its last
+    look (``seen``: e.g. a window mapped beyond EOF from the start is not news) and those
+    the fault path already notified. One record per range and cause: holes below the page
+    holding EOF (``eof_gpa``: the first gpa at or beyond the end of file), beyond-eof from
+    it."""
+    fresh = now_bad.minus(seen).minus(notified)
+    if not fresh:
+        return None
+    holes, beyond = fresh.split_at(eof_gpa)
+    return Notify(tuple((first, n, cause) for part, cause in ((holes, "hole"),
+                                                             (beyond, "beyond-eof"))
+                        for first, n in part.ranges()))
+
+
+# --- Machine-check capability ---------------------------------------------------------
+MCG_CAP_BANKS = 10  # QEMU's MCE_BANKS_DEF (target/i386/cpu.h); bank 9 is the one it uses
+
+
+def mcg_cap(supported: int) -> int:
+    """MCG_CAP for KVM_X86_SETUP_MCE, from KVM_X86_GET_MCE_CAP_SUPPORTED: QEMU's
+    MCE_CAP_DEF bits (MCG_CTL_P | MCG_SER_P; SER, software error recovery, is what makes
+    SRAR/SRAO meaningful) where KVM supports them, and MCE_BANKS_DEF banks
+    (target/i386/cpu.h)."""
+    return (supported & (MCG_CTL_P | MCG_SER_P)) | MCG_CAP_BANKS
