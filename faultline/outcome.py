@@ -30,7 +30,7 @@ class Signal:
 
 @dataclass(slots=True)
 class TaskOutcome:
-    fate: str = "hung"  # exited | sigbus | killed | hung | lost (the VMM process died)
+    fate: str = "hung"  # exited | sigbus | sigsegv | killed | hung | lost (the VMM process died)
     code: int | None = None
     signal: Signal | None = None
 

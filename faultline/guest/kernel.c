@@ -737,7 +737,7 @@ static void do_notify(struct cpu *c, struct frame *f)
     u32 tail = h->tail;
     u32 records = 0;
     u64 pages = 0;
-    int user = f->cs & 3, ar = 0;
+    int user = f->cs & 3, ar = 0, refused = 0;
     u64 ar_gpa = 0;
     int cur = (user && c->cur >= 0) ? c->cur : -1;
     if (head - tail > n)
@@ -746,6 +746,20 @@ static void do_notify(struct cpu *c, struct frame *f)
         struct notify_entry e = ring[tail % n];
         int mine = (e.flags & NOTIFY_F_AR) && ((e.flags >> NOTIFY_AR_VCPU_SHIFT) & 0xff) == c->id;
         struct region *r = find_region(e.gpa >> PAGE_SHIFT);
+        if (e.cause == CAUSE_READONLY) {
+            /* A store the read-only memslot refused: the page is fine and stays mapped for
+             * every task; only the writer is told (SIGSEGV SEGV_ACCERR, below), as a store
+             * to a read-only file mapping is on Linux. Nothing is offlined. */
+            if (mine) {
+                refused = 1;
+                ar_gpa = e.ar_gpa;
+                *ar_mailbox(c) = 0;
+            }
+            tail++;
+            records++;
+            __atomic_store_n(&h->tail, tail, __ATOMIC_RELEASE);
+            continue;
+        }
         if (r && !(e.gpa & (PAGE_SIZE - 1))) {
             u64 pfn = e.gpa >> PAGE_SHIFT;
             u64 np = e.npages < r->end_pfn - pfn ? e.npages : r->end_pfn - pfn;
@@ -777,7 +791,10 @@ static void do_notify(struct cpu *c, struct frame *f)
         __atomic_store_n(&h->tail, tail, __ATOMIC_RELEASE);
     }
     report(c, R_NOTIFY, task_id(c), records, pages, 0, 0);
-    if (ar) {
+    if (refused && !ar && cur >= 0) {
+        struct task *t = &tasks[cur];
+        kill_task(c, t, SIGSEGV, SEGV_ACCERR, task_vaddr_of_gpa(t, ar_gpa), ar_gpa);
+    } else if (ar) {
         if (cur >= 0) {
             struct task *t = &tasks[cur];
             kill_task(c, t, SIGBUS, BUS_MCEERR_AR, task_vaddr_of_gpa(t, ar_gpa), ar_gpa);

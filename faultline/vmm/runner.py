@@ -211,20 +211,30 @@ class KvmRun:
             self.watcher.start()
 
     def _arm_hole_detection(self) -> None:
+        """userfaultfd on every window it can take. A read-only window cannot be one: the
+        kernel registers a shared file mapping only if it may be written (VM_MAYWRITE),
+        so a hole there is not caught (it reads as zeros)."""
         windows = [r for r in self.m.memory if r.kind == "file"]
         if not windows:
             return
+        armed: list[str] = []
+        left_out: dict[str, str] = {}
         try:
             self.uffd = SigbusOnMissing()
             for r in windows:
-                self.uffd.register(r.hva, r.size)
-            self.m.log.emit("vmm_hole_detection", enabled=True, mechanism="userfaultfd "
-                            "MISSING + UFFD_FEATURE_SIGBUS", windows=[r.name for r in windows])
+                try:
+                    self.uffd.register(r.hva, r.size)
+                    armed.append(r.name)
+                except UffdUnavailable as e:
+                    left_out[r.name] = str(e) + (" (read-only window)" if r.readonly else "")
         except UffdUnavailable as e:
-            if self.uffd is not None:
-                self.uffd.close()
-                self.uffd = None
-            self.m.log.emit("vmm_hole_detection", enabled=False, reason=str(e))
+            left_out = {r.name: str(e) for r in windows}
+        if not armed and self.uffd is not None:
+            self.uffd.close()
+            self.uffd = None
+        self.m.log.emit("vmm_hole_detection", enabled=bool(armed),
+                        mechanism="userfaultfd MISSING + UFFD_FEATURE_SIGBUS", windows=armed,
+                        **({"left_out": left_out} if left_out else {}))
 
     # --- wiring -----------------------------------------------------------------------------
     def _on_step(self, v: VcpuState, task: str, steps: int) -> None:
