@@ -227,8 +227,9 @@ program = ["read ro0[0] expect=@", "write ro0[1] 0x42", "exit 0"]
 [[expect]]
 vm = "completed"
 exits = { memory_fault = 1 }
+offlined = []
 [expect.tasks]
-writer = { fate = "sigbus", vaddr = "ro0[1]" }
+writer = { fate = "sigsegv", signal = "SEGV_ACCERR", vaddr = "ro0[1]" }
 [[expect.faults]]
 page = "ro0[1]"
 cause = "read-only"

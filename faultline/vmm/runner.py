@@ -234,7 +234,7 @@ class KvmRun:
             self.uffd = None
         self.m.log.emit("vmm_hole_detection", enabled=bool(armed),
                         mechanism="userfaultfd MISSING + UFFD_FEATURE_SIGBUS", windows=armed,
-                        **({"left_out": left_out} if left_out else {}))
+                        left_out=left_out)
 
     # --- wiring -----------------------------------------------------------------------------
     def _on_step(self, v: VcpuState, task: str, steps: int) -> None:
