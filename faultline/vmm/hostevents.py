@@ -22,7 +22,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 PAUSE_TIMEOUT_S = 2.0  # a vCPU that does not leave KVM_RUN within this is stuck
 
-_WRITE_SNIPPET = ("import os,sys;fd=os.open(sys.argv[1],os.O_WRONLY);"
+WRITE_SNIPPET = ("import os,sys;fd=os.open(sys.argv[1],os.O_WRONLY);"
                   "os.pwrite(fd,int(sys.argv[3]).to_bytes(8,'little'),int(sys.argv[2]))")
 
 
@@ -109,7 +109,7 @@ class HostEvents:
             if ev.by == "runner":
                 punch_hole(region.fd, ev.offset, ev.length)
         elif ev.action == "write":
-            argv = ["python3", "-c", _WRITE_SNIPPET, path, str(ev.offset), str(ev.value)]
+            argv = ["python3", "-c", WRITE_SNIPPET, path, str(ev.offset), str(ev.value)]
             if ev.by == "runner":
                 os.pwrite(region.fd, ev.value.to_bytes(8, "little"), ev.offset)
         if ev.by == "subprocess" and argv is not None:

@@ -35,7 +35,9 @@ from faultline.vmm.control import RunControl
 from faultline.vmm.exit_loop import ExitLoop
 from faultline.vmm.fault_handler import MMIO_FILL, FaultHandler
 from faultline.vmm.faults import Detector
+from faultline.vmm.hostevents import WRITE_SNIPPET as _WRITE_SNIPPET  # faultline.qemu's
 from faultline.vmm.hostevents import HostEvents
+from faultline.vmm.hostevents import punch_hole as _punch_hole  # faultline.qemu's
 from faultline.vmm.inject import Injector
 from faultline.vmm.locate import Locator
 from faultline.vmm.machine import Machine, VcpuState, install_kick_handler
@@ -43,8 +45,18 @@ from faultline.vmm.reports import ReportPort
 from faultline.vmm.uffd import SigbusOnMissing, UffdUnavailable, on_tmpfs
 from faultline.vmm.watch import FileWatcher
 
-__all__ = ["MMIO_FILL", "BackendError", "Interrupted", "KvmRun", "VcpuState",
-           "install_kick_handler", "kvm_available", "run_kvm"]
+__all__ = [
+    "MMIO_FILL",
+    "_WRITE_SNIPPET",
+    "BackendError",
+    "Interrupted",
+    "KvmRun",
+    "VcpuState",
+    "_punch_hole",
+    "install_kick_handler",
+    "kvm_available",
+    "run_kvm",
+]
 
 DEFAULT_WATCHDOG_S = 10.0
 DEFAULT_MAX_STEPS = 1_000_000  # every task's steps together
