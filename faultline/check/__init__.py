@@ -8,7 +8,7 @@ parallel, ``cli`` is ``faultline check``, ``bench`` measures it.
 """
 
 from faultline.check.explorer import Graph, explore
-from faultline.check.properties import PROPERTIES, CheckResult, check_system
+from faultline.check.properties import CheckResult, check_system
 from faultline.check.replay import replay
 
-__all__ = ["PROPERTIES", "CheckResult", "Graph", "check_system", "explore", "replay"]
+__all__ = ["CheckResult", "Graph", "check_system", "explore", "replay"]

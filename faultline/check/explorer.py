@@ -27,9 +27,6 @@ from typing import Any
 from faultline.check.adapter import Adapter
 
 State = Hashable
-# A state predicate for the safety properties, evaluated once per distinct state: a
-# bitmask of the properties the state violates (0: none).
-BadFn = Callable[[State], int]
 _CLOCK_EVERY = 1024  # states between looks at the clock
 
 
@@ -97,9 +94,12 @@ class Graph:
 
 
 def explore(system: Any, *, max_states: int = 5_000_000, timeout_s: float | None = None,
-            bad: BadFn | None = None, adapter: Adapter | None = None) -> Graph:
-    """BFS from ``init()`` over every enabled action, deduplicating states by hash."""
+            safety: bool = True, adapter: Adapter | None = None) -> Graph:
+    """BFS from ``init()`` over every enabled action, deduplicating states by hash. With
+    ``safety``, each new state's safety labels (the adapter's bitmask, bit i = the i-th
+    safety property) are read once; the first violating state per property is kept."""
     ad = adapter if adapter is not None else Adapter(system)
+    bad = ad.bad if safety and ad.safety else None
     t0 = time.perf_counter()
     deadline = t0 + timeout_s if timeout_s is not None else None
     s0 = ad.init()  # a key: ad.decode(key) is the system's state (identity but for the model)
@@ -122,7 +122,7 @@ def explore(system: Any, *, max_states: int = 5_000_000, timeout_s: float | None
         bad_seen |= mask
 
     if bad is not None:
-        m = bad(decode(s0))
+        m = bad(s0)
         if m:
             note_bad(0, m)
     expand = ad.expand
@@ -157,7 +157,7 @@ def explore(system: Any, *, max_states: int = 5_000_000, timeout_s: float | None
                 parent_append(sid)
                 pedge_append(j)
                 if bad is not None:
-                    m = bad(decode(t))
+                    m = bad(t)
                     if m & ~bad_seen:
                         note_bad(tid, m)
             dst_append(tid)

@@ -1,18 +1,20 @@
 """The properties, judged on the explored graph, with shortest counterexamples.
 
-Safety properties are state predicates evaluated once per distinct state during the BFS;
-the first violating state found is at minimal depth, so its parent path is a shortest
-counterexample. ``no_hang`` is liveness, judged on the whole graph:
+The properties are the model's (``model.properties``, faultline.check.contract.Property).
+Safety labels are evaluated once per distinct state (per distinct record for faultline's
+model) during the BFS; the first violating state found is at minimal depth, so its
+parent path is a shortest counterexample. ``no_hang`` is liveness, judged on the whole graph:
 
 1. from every reachable state a *done* state (every task exited or killed, or the VM
    stopped) is reachable: backward reachability from the done states;
-2. no *fair* cycle avoids the done states. Weak fairness per class of action (see
-   ``adapter.model_class``): a cycle is fair if every fair class enabled in all of its
-   states is taken on it. For a strongly connected component C of the non-done subgraph
-   that is exact at the SCC level: C contains a fair cycle iff every fair class enabled in
-   all states of C labels an edge inside C (a cycle through all of C is then fair, and any
-   cycle inside C sees every such class enabled throughout). SCCs come from an iterative
-   Tarjan (no recursion: SCCs of 10^6 states).
+2. no *fair* cycle avoids the done states. Weak fairness per class of action (the
+   class each enabled action declares: contract.Model.enabled): a cycle is fair if
+   every fair class enabled in all of its states is taken on it. For a strongly
+   connected component C of the non-done subgraph that is exact at the SCC level: C
+   contains a fair cycle iff every fair class enabled in all states of C labels an edge
+   inside C (a cycle through all of C is then fair, and any cycle inside C sees every
+   such class enabled throughout). SCCs come from an iterative Tarjan (no recursion:
+   SCCs of 10^6 states).
 
 A violation is shown as a lasso: the BFS path to the cycle, then a fair cycle built by
 walking inside the SCC to an edge of each obligated class (or to a state where it is
@@ -28,21 +30,13 @@ import itertools
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from faultline.check.adapter import Adapter, diff_views, state_view
+from faultline.check.contract import LIVENESS
 from faultline.check.explorer import Graph, explore
-
-PROPERTIES = ("no_hang", "vm_survives", "no_fabricated_data", "precise_kill",
-              "one_exit_per_bad_page", "first_access_reported")
-SAFETY = PROPERTIES[1:]
-# first_access_reported: a task's access to a bad page may fail at most this many times
-# before it is reported (an exit to userspace, or a guest SIGBUS): the first try plus one
-# retry. error-gfn needs exactly that (the async try fails, the retry finds the error gfn
-# and faults synchronously); a third failed try means the first failure went unreported.
-FIRST_ACCESS_MAX_TRIES = 2
 
 
 @dataclass
@@ -85,79 +79,37 @@ class CheckResult:
              else {"states_before_symmetry": self.states_before_symmetry})
 
 
-# --- the safety predicates --------------------------------------------------------------
-
-Predicate = Callable[[Hashable], bool]  # True: the state violates the property
-
-
-def safety_predicates(system: Any) -> dict[str, Predicate]:
-    """Per-state violation predicates, from the model's label methods (any other system
-    may supply its own as a ``safety`` dict attribute)."""
-    own = getattr(system, "safety", None)
-    if own is not None:
-        return dict(own)
-    if not hasattr(system, "failing_accesses"):
-        return {}
-    tries = FIRST_ACCESS_MAX_TRIES
-    return {
-        "vm_survives": system.vm_aborted,
-        "no_fabricated_data": lambda s: system.bad_reads(s) > 0,
-        "precise_kill": lambda s: bool(system.imprecise_kills(s)),
-        "one_exit_per_bad_page":
-            lambda s: any(n > 1 for n in system.exits_per_page(s).values()),
-        "first_access_reported":
-            lambda s: any(n > tries for n in system.failing_accesses(s).values()),
-    }
-
-
-def _combined(preds: dict[str, Predicate], system: Any = None
-              ) -> tuple[Callable[[Hashable], int], list[str]]:
-    names = list(preds)
-    mask = getattr(system, "safety_mask", None)
-    if mask is not None and getattr(system, "safety", None) is None and names == list(SAFETY):
-        # faultline's model: one call reading the encoding, bits in SAFETY order (the
-        # per-property predicates above are the specification; tests/check compares them).
-        tries = FIRST_ACCESS_MAX_TRIES
-        return (lambda s: mask(s, tries)), names
-    fns = [preds[n] for n in names]
-
-    def bad(s: Hashable) -> int:
-        m = 0
-        for i, f in enumerate(fns):
-            if f(s):
-                m |= 1 << i
-        return m
-
-    return bad, names
-
-
 # --- the check -------------------------------------------------------------------------
 
 def check_system(system: Any, *, max_states: int = 5_000_000, timeout_s: float | None = None,
-                 liveness: bool = True, count_unreduced: bool = False) -> CheckResult:
-    """Explore ``system`` exhaustively (within the bounds) and judge every property.
-    ``count_unreduced``: if the system reduces by symmetry (``canonical``), also explore
-    without it (states only, no analysis) to report ``states_before_symmetry``."""
+                 liveness: bool = True, count_unreduced: bool = False,
+                 check_memo: bool | None = None) -> CheckResult:
+    """Explore ``system`` (a faultline.check.contract.Model, or a plain init / actions /
+    is_done system) exhaustively within the bounds and judge every property it declares.
+    ``count_unreduced``: if the model reduces by symmetry (``canonical``), also explore
+    without it (states only, no analysis) to report ``states_before_symmetry``.
+    ``check_memo``: assert the memo footprint on every memoised edge (default: the
+    FAULTLINE_CHECK_MEMO environment variable)."""
     t0 = time.perf_counter()
-    preds = safety_predicates(system)
-    bad, names = _combined(preds, system)
-    ad = Adapter(system)
-    g = explore(system, max_states=max_states, timeout_s=timeout_s,
-                bad=bad if names else None, adapter=ad)
+    ad = Adapter(system, check_memo=check_memo)
+    g = explore(system, max_states=max_states, timeout_s=timeout_s, adapter=ad)
     results: dict[str, PropertyResult] = {}
-    if liveness:
-        results["no_hang"] = no_hang(g)
-    for bit, name in enumerate(names):
-        sid = g.first_bad.get(bit)
+    safety_bit = {p.name: i for i, p in enumerate(ad.safety)}
+    for p in ad.model.properties:
+        if p.kind == LIVENESS:
+            if liveness:
+                results[p.name] = no_hang(g)
+            continue
+        sid = g.first_bad.get(safety_bit[p.name])
         if sid is not None:
-            results[name] = PropertyResult(False, counterexample(g, g.path_to(sid)), "path")
+            results[p.name] = PropertyResult(False, counterexample(g, g.path_to(sid)), "path")
         else:
-            results[name] = PropertyResult(True if g.complete else None)
+            results[p.name] = PropertyResult(True if g.complete else None)
     before = None
     if count_unreduced and ad.canonical is not None:
         plain = Adapter(system)
         plain.canonical = None
-        before = explore(system, max_states=max_states, timeout_s=timeout_s,
+        before = explore(system, max_states=max_states, timeout_s=timeout_s, safety=False,
                          adapter=plain).n_states
     return CheckResult(g.n_states, g.n_transitions, time.perf_counter() - t0, g.seconds,
                        g.complete, g.stop_reason, results, before)
@@ -478,5 +430,5 @@ def format_counterexample(steps: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PROPERTIES", "SAFETY", "CheckResult", "PropertyResult", "check_system",
+__all__ = ["CheckResult", "PropertyResult", "check_system",
            "format_counterexample", "no_hang", "tarjan"]

@@ -1,6 +1,6 @@
 """Host mm: files (size, page cache, holes, poison), the VMM's VMAs, gup semantics.
 
-Pure functions over the F_* file tuple. gup results follow hva_to_pfn():
+Pure functions over a :class:`File` record. gup results follow hva_to_pfn():
 - a cached page within EOF: success;
 - an uncached page within EOF (including a hole): needs I/O (FOLL_NOWAIT fails, a
   blocking gup reads it into the page cache and succeeds);
@@ -17,7 +17,7 @@ Pure functions over the F_* file tuple. gup results follow hva_to_pfn():
 from __future__ import annotations
 
 from faultline.abi import PAGE_SHIFT, PAGE_SIZE
-from faultline.model.state import F_CACHED, F_HOLES, F_POISON, F_SIZE, F_ZERO_FROM, F_ZEROED
+from faultline.model.state import File
 
 GUP_OK = 0
 GUP_NEEDS_IO = 1  # KVM_PFN_ERR_NEEDS_IO (FOLL_NOWAIT on a valid VMA)
@@ -25,55 +25,55 @@ GUP_EFAULT = 2  # KVM_PFN_ERR_FAULT
 GUP_HWPOISON = 3  # KVM_PFN_ERR_HWPOISON
 
 
-def new_file(size: int, pages: int, cached: bool) -> tuple:
+def new_file(size: int, pages: int, cached: bool) -> File:
     eof_pages = min(pages, (size + PAGE_SIZE - 1) >> PAGE_SHIFT)
     mask = (1 << eof_pages) - 1 if cached else 0
-    return (size, mask, 0, 0, 0, size)
+    return File(size, mask, 0, 0, 0, size)
 
 
-def beyond_eof(f: tuple, page: int) -> bool:
-    return (page << PAGE_SHIFT) >= f[F_SIZE]
+def beyond_eof(f: File, page: int) -> bool:
+    return (page << PAGE_SHIFT) >= f.size
 
 
-def gup_nowait(f: tuple, page: int, write_to_ro_vma: bool = False) -> int:
+def gup_nowait(f: File, page: int, write_to_ro_vma: bool = False) -> int:
     if write_to_ro_vma:
         return GUP_EFAULT  # !vma_is_valid(): KVM_PFN_ERR_FAULT at once
     bit = 1 << page
-    if f[F_POISON] & bit:
+    if f.poison & bit:
         return GUP_HWPOISON
-    if (page << PAGE_SHIFT) >= f[F_SIZE]:
+    if (page << PAGE_SHIFT) >= f.size:
         return GUP_NEEDS_IO
-    return GUP_OK if f[F_CACHED] & bit else GUP_NEEDS_IO
+    return GUP_OK if f.cached & bit else GUP_NEEDS_IO
 
 
-def gup_blocking(f: tuple, page: int, holes_fail: bool = False) -> tuple[int, tuple]:
+def gup_blocking(f: File, page: int, holes_fail: bool = False) -> tuple[int, File]:
     """A gup without FOLL_NOWAIT (or the async worker's get_user_pages_remote)."""
     bit = 1 << page
-    if f[F_POISON] & bit:
+    if f.poison & bit:
         return GUP_HWPOISON, f
-    if (page << PAGE_SHIFT) >= f[F_SIZE]:
+    if (page << PAGE_SHIFT) >= f.size:
         return GUP_EFAULT, f
-    if holes_fail and f[F_HOLES] & bit:
+    if holes_fail and f.holes & bit:
         return GUP_EFAULT, f  # handle_userfault() -> VM_FAULT_SIGBUS
-    if f[F_CACHED] & bit and not f[F_HOLES] & bit:
+    if f.cached & bit and not f.holes & bit:
         return GUP_OK, f
     # Read in (or allocate the hole's page: it is no longer a hole, its data is zero).
-    return GUP_OK, (f[0], f[1] | bit, f[2] & ~bit, f[3], f[4], f[5])
+    return GUP_OK, File(f.size, f.cached | bit, f.holes & ~bit, f.zeroed, f.poison, f.zero_from)
 
 
-def truncate(f: tuple, new_size: int, pages: int) -> tuple:
+def truncate(f: File, new_size: int, pages: int) -> File:
     """truncate(2): pages at or beyond the new EOF leave the page cache (and the EPT via
     the MMU notifier)."""
     keep = min(pages, (new_size + PAGE_SIZE - 1) >> PAGE_SHIFT)
     mask = (1 << keep) - 1
-    return (new_size, f[F_CACHED] & mask, f[F_HOLES] & mask, f[F_ZEROED],
-            f[F_POISON], min(f[F_ZERO_FROM], new_size))
+    return File(new_size, f.cached & mask, f.holes & mask, f.zeroed, f.poison,
+                min(f.zero_from, new_size))
 
 
-def extend(f: tuple, new_size: int, pages: int) -> tuple:
+def extend(f: File, new_size: int, pages: int) -> File:
     """ftruncate(2) to a larger size: the new range is sparse. Pages that start at or
     beyond the old EOF are holes (the page holding the old EOF keeps its data)."""
-    old = f[F_SIZE]
+    old = f.size
     if new_size <= old:
         return f
     first = (old + PAGE_SIZE - 1) >> PAGE_SHIFT
@@ -81,54 +81,52 @@ def extend(f: tuple, new_size: int, pages: int) -> tuple:
     mask = 0
     for p in range(first, end):
         mask |= 1 << p
-    return (new_size, f[F_CACHED] & ~mask, f[F_HOLES] | mask, f[F_ZEROED] | mask,
-            f[F_POISON], f[F_ZERO_FROM])
+    return File(new_size, f.cached & ~mask, f.holes | mask, f.zeroed | mask, f.poison,
+                f.zero_from)
 
 
-def punch_hole(f: tuple, offset: int, length: int, pages: int) -> tuple:
+def punch_hole(f: File, offset: int, length: int, pages: int) -> File:
     first = offset >> PAGE_SHIFT
     end = min(pages, (offset + length) >> PAGE_SHIFT)
     mask = 0
     for p in range(first, end):
-        if (p << PAGE_SHIFT) < f[F_SIZE]:
+        if (p << PAGE_SHIFT) < f.size:
             mask |= 1 << p
-    return (f[F_SIZE], f[F_CACHED] & ~mask, f[F_HOLES] | mask, f[F_ZEROED] | mask,
-            f[F_POISON], f[F_ZERO_FROM])
+    return f._replace(cached=f.cached & ~mask, holes=f.holes | mask, zeroed=f.zeroed | mask)
 
 
-def poison(f: tuple, offset: int, length: int, pages: int) -> tuple:
+def poison(f: File, offset: int, length: int, pages: int) -> File:
     first = offset >> PAGE_SHIFT
     end = min(pages, (offset + length) >> PAGE_SHIFT)
     mask = sum(1 << p for p in range(first, end))
-    return (f[F_SIZE], f[F_CACHED] & ~mask, f[F_HOLES], f[F_ZEROED], f[F_POISON] | mask,
-            f[F_ZERO_FROM])
+    return f._replace(cached=f.cached & ~mask, poison=f.poison | mask)
 
 
-def bad_pages(f: tuple, pages: int, holes: bool = False) -> list[int]:
+def bad_pages(f: File, pages: int, holes: bool = False) -> list[int]:
     """Window pages a guest access cannot be backed by: beyond EOF or poisoned (and holes,
     when they fail: ``holes``)."""
-    eof = (f[F_SIZE] + PAGE_SIZE - 1) >> PAGE_SHIFT
-    bad = f[F_POISON] | (f[F_HOLES] if holes else 0)
+    eof = (f.size + PAGE_SIZE - 1) >> PAGE_SHIFT
+    bad = f.poison | (f.holes if holes else 0)
     return [p for p in range(pages) if p >= eof or bad >> p & 1]
 
 
-def cannot_back(f: tuple, page: int, holes: bool = False) -> bool:
+def cannot_back(f: File, page: int, holes: bool = False) -> bool:
     """A blocking gup of this page fails (beyond EOF, or a hole that fails)."""
-    return (page << PAGE_SHIFT) >= f[F_SIZE] or (holes and bool(f[F_HOLES] >> page & 1))
+    return (page << PAGE_SHIFT) >= f.size or (holes and bool(f.holes >> page & 1))
 
 
-def cannot_supply(f: tuple, page: int) -> bool:
+def cannot_supply(f: File, page: int) -> bool:
     """No data can legitimately be read from this page: beyond EOF, a hole not written
     since (its bit is cleared when a blocking gup allocates it, or a write fills it), or
     hwpoisoned. An access that completes on such a page consumed fabricated data."""
-    return (page << PAGE_SHIFT) >= f[F_SIZE] or bool((f[F_HOLES] | f[F_POISON]) >> page & 1)
+    return (page << PAGE_SHIFT) >= f.size or bool((f.holes | f.poison) >> page & 1)
 
 
-def cause_of(f: tuple, page: int) -> str:
-    if f[F_POISON] >> page & 1:
+def cause_of(f: File, page: int) -> str:
+    if f.poison >> page & 1:
         return "poisoned"
-    if (page << PAGE_SHIFT) >= f[F_SIZE]:
+    if (page << PAGE_SHIFT) >= f.size:
         return "beyond-eof"
-    if f[F_HOLES] >> page & 1:
+    if f.holes >> page & 1:
         return "hole"
     return "unknown"

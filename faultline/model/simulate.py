@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from faultline import abi
-from faultline.model.state import S_TASKS, T_RESULT, T_STATUS, TS_EXITED, TS_KILLED, TS_SIGBUS
+from faultline.model.design import Design
+from faultline.model.state import TS_EXITED, TS_KILLED, TS_SIGBUS, State
 from faultline.model.system import System
 from faultline.outcome import EventLog, FaultRecord, Outcome, Signal, TaskOutcome
 from faultline.scenario import Scenario
@@ -24,7 +25,7 @@ from faultline.scenario import Scenario
 DEFAULT_MAX_STEPS = 100_000
 
 
-def simulate(scenario: Scenario, design: str, policy: str, *, seed: int | None = None,
+def simulate(scenario: Scenario, design: str | Design, policy: str, *, seed: int | None = None,
              events_path: str | Path | None = None, max_steps: int = DEFAULT_MAX_STEPS,
              livelock_visits: int = 20, log: EventLog | None = None,
              schedule: list[str] | None = None, **params: Any) -> Outcome:
@@ -33,15 +34,16 @@ def simulate(scenario: Scenario, design: str, policy: str, *, seed: int | None =
     `schedule` (action names, e.g. a checker counterexample) is followed first, step by
     step; a step whose action is not enabled raises ReplayError. The default schedule then
     finishes the run."""
-    system = System(scenario, design, policy, **params)
     own_log = log is None
     if log is None:
         log = EventLog(events_path, clock="step")
-    outcome = Outcome(scenario.name, "model", design, policy, events_path=log.path)
     try:
-        _run(system, log, outcome, seed, max_steps, livelock_visits, schedule or [])
+        sink = _Recorder(log)
+        system = System(scenario, design, policy, sink=sink, **params)
+        outcome = Outcome(scenario.name, "model", system.design, policy, events_path=log.path)
+        sink.outcome = outcome
+        _run(system, log, outcome, seed, max_steps, livelock_visits, schedule or [], sink)
     finally:
-        system._ev = None
         if own_log:
             log.close()
     outcome.events = log.events  # type: ignore[attr-defined]
@@ -52,28 +54,35 @@ class ReplayError(Exception):
     """A replayed trace names an action that is not enabled at that step."""
 
 
+class _Recorder:
+    """The model's event sink here: the run's log, plus what the outcome needs from the
+    events (memory-fault exits, the VMM's fault records)."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+        self.outcome: Outcome | None = None
+        self.records: list[dict[str, Any]] = []
+
+    def emit(self, kind: str, *, vcpu: int | None = None, task: str | None = None,
+             **fields: Any) -> None:
+        ev = self.log.emit(kind, vcpu=vcpu, task=task, **fields)
+        if kind == "kvm_exit" and self.outcome is not None:
+            self.outcome.count_exit("memory_fault")
+        elif kind == "vmm_resolve":
+            self.records.append(ev)
+
+
 def _run(system: System, log: EventLog, outcome: Outcome, seed: int | None, max_steps: int,
-         livelock_visits: int, schedule: list[str]) -> None:
+         livelock_visits: int, schedule: list[str], sink: _Recorder) -> None:
     sc = system.sc
     actors = ([f"vcpu{v}" for v in range(sc.vcpus)] + [f"async{v}" for v in range(sc.vcpus)]
               + ["vmm"])
     actor_pos = {a: i for i, a in enumerate(actors)}
     rng = random.Random(seed) if seed is not None else None
     ptr = 0
-    records: list[dict[str, Any]] = []
-
-    def emit(kind: str, **fields: Any) -> None:
-        ev = log.emit(kind, **fields)
-        if kind == "kvm_exit":
-            outcome.count_exit("memory_fault")
-        elif kind == "vmm_resolve":
-            records.append(ev)
-
     log.emit("model_start", design=system.design, policy=system.policy,
-             params=dict(system.params))
-    system._ev = emit
+             params=system.params.as_dict())
     state = system.init()
-    system._ev = None
     seen: dict[Any, int] = {}
     visits: dict[Any, int] = {}
     history: list[str] = []
@@ -97,9 +106,7 @@ def _run(system: System, log: EventLog, outcome: Outcome, seed: int | None, max_
                                   f"enabled (enabled: {shown})")
             log.step += 1
             history.append(want)
-            system._ev = emit
             state = hit[2](state, *hit[3])
-            system._ev = None
             if len(history) == len(schedule):
                 log.emit("replay_end", steps=len(schedule))
             continue
@@ -128,22 +135,26 @@ def _run(system: System, log: EventLog, outcome: Outcome, seed: int | None, max_
         if rng is None:
             best = None
             for item in en:
-                d = (actor_pos[item[1]] - ptr) % len(actors)
+                d = (actor_pos[_actor(item[1])] - ptr) % len(actors)
                 if best is None or d < best[0]:
                     best = (d, item)
             assert best is not None
-            name, actor, fn, args = best[1]
-            ptr = (actor_pos[actor] + 1) % len(actors)
+            name, cls, fn, args = best[1]
+            ptr = (actor_pos[_actor(cls)] + 1) % len(actors)
         else:
-            name, actor, fn, args = en[rng.randrange(len(en))]
+            name, _cls, fn, args = en[rng.randrange(len(en))]
         log.step += 1
         history.append(name or "")
-        system._ev = emit
         state = fn(state, *args)
-        system._ev = None
     outcome.vm = vm
-    _fill(system, state, outcome, records)
+    _fill(system, state, outcome, sink.records)
     log.emit("model_end", vm=vm, reason=outcome.reason)
+
+
+def _actor(cls: Any) -> str:
+    """The actor of a fairness class: "vcpuN", or the first item of a tuple class
+    (("asyncN", token, gfn), ("vmm", action, target))."""
+    return cls if isinstance(cls, str) else str(cls[0])
 
 
 def _livelock(log: EventLog, outcome: Outcome, cycle: list[str]) -> None:
@@ -151,14 +162,15 @@ def _livelock(log: EventLog, outcome: Outcome, cycle: list[str]) -> None:
     log.emit("livelock", length=len(cycle), cycle=cycle)
 
 
-def _fill(system: System, state: tuple, outcome: Outcome, records: list[dict[str, Any]]) -> None:
+def _fill(system: System, state: State, outcome: Outcome, records: list[dict[str, Any]]
+          ) -> None:
     for t, name in enumerate(system.names):
-        tk = state[S_TASKS][t]
-        st = tk[T_STATUS]
+        tk = state.tasks[t]
+        st = tk.status
         if st == TS_EXITED:
-            outcome.tasks[name] = TaskOutcome("exited", tk[T_RESULT])
+            outcome.tasks[name] = TaskOutcome("exited", tk.result)
         elif st == TS_SIGBUS:
-            code, vaddr = tk[T_RESULT]
+            code, vaddr = tk.result
             outcome.tasks[name] = TaskOutcome(
                 "sigbus", None, Signal(abi.SI_CODES.get((abi.SIGBUS, code), str(code)), vaddr))
         elif st == TS_KILLED:
@@ -170,7 +182,7 @@ def _fill(system: System, state: tuple, outcome: Outcome, records: list[dict[str
     outcome.offlined = system.offlined_gpas(state)
     outcome.exits.setdefault("memory_fault", 0)
     if system.vm_aborted(state):
-        outcome.reason = state[5][0]
+        outcome.reason = state.vmm.abort
     for ev in records:
         outcome.faults.append(FaultRecord(int(ev["gpa"], 16), None, ev["path"], ev["offset"],
                                           ev["file_size"], ev["cause"], ev["source"]))

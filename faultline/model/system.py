@@ -1,7 +1,6 @@
-# ruff: noqa: RUF005  (hot path: explicit tuple concatenation/slicing is the state encoding)
 """The transition system: host mm + KVM (MMU fault path, async PF) + VMM + guest kernel.
 
-``System(scenario, design, policy, **params)``:
+``System(scenario, design, policy, sink=None, **params)``:
 
 - ``init() -> State``
 - ``enabled(state) -> list[(name, actor, fn, args)]`` and
@@ -11,184 +10,132 @@
   ``failing_accesses``).
 
 A vCPU action is one pass of vcpu_enter_guest(): first whatever is pending at entry
-(the request design's exit, kvm_check_async_pf_completion, an #MC or the notification
+(a design's request, kvm_check_async_pf_completion, an #MC or the notification
 interrupt for the guest), else one step of the current guest task, which may fault into
-the KVM MMU (``__kvm_mmu_faultin_pfn``). Async work completes in separate actions (any
-order), the VMM handles exits in separate actions. Host events fire with the task step
-that triggers them ("after TASK:STEP").
+the KVM MMU (``_faultin``: __kvm_mmu_faultin_pfn). Async work completes in separate
+actions (any order), the VMM handles exits in separate actions. Host events fire with the
+task step that triggers them ("after TASK:STEP").
 
-Designs are differences in that KVM code: see ``_faultin`` (the fault path),
-``_apf_ready`` (kvm_arch_async_page_ready/present) and ``_vcpu`` (the request exit).
+Where the KVM designs differ this code calls the design's hooks
+(faultline/model/design.py); it never names a design. Events go to ``sink`` (an
+:class:`EventSink`, e.g. the simulator's log), given at construction; without one the
+model builds no event at all (the checker's case).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple, Protocol
 
 from faultline import abi
+from faultline.check.contract import MemoFootprint
 from faultline.model import guest as G
 from faultline.model import hostmm as H
 from faultline.model import kvm as K
 from faultline.model import vmm as M
+from faultline.model.design import Design
+from faultline.model.params import DEFAULT_PARAMS, Params
+from faultline.model.properties import PROPERTIES
 from faultline.model.state import (
     EXIT_BARE_EFAULT,
     EXIT_HWPOISON,
     EXIT_MEMORY_FAULT,
     EXIT_REQUEST,
     EXIT_SOURCES,
-    F_CACHED,
-    F_HOLES,
-    F_SIZE,
-    F_ZERO_FROM,
-    F_ZEROED,
     FINISHED,
-    G_OFFLINED,
-    G_RING,
-    M_ABORT,
-    M_EXITS,
-    M_HANDLED,
-    M_KNOWN,
-    M_REPEATS,
     MODE_EXIT,
     MODE_HALTED,
     MODE_RUN,
-    S_FILES,
-    S_FIRED,
-    S_GUEST,
-    S_MEM,
-    S_TASKS,
-    S_VCPUS,
-    S_VMM,
-    T_CTRS,
-    T_FAILS,
-    T_PC,
-    T_RESULT,
-    T_STATUS,
-    T_STEPS,
-    T_SUB,
-    T_TOUCHED,
+    MODES,
+    TASK_STATUS,
     TS_EXITED,
     TS_KILLED,
     TS_RUN,
     TS_SIGBUS,
     TS_SLEEP,
-    V_APFID,
-    V_CUR,
-    V_DONE,
-    V_ERR,
-    V_EXIT,
-    V_HASH,
-    V_MCEQ,
-    V_MODE,
-    V_QUEUE,
-    V_REQS,
+    ApfDone,
+    ApfWork,
+    Exit,
+    File,
+    Guest,
+    RingRecord,
+    State,
+    Task,
+    Vcpu,
+    Vmm,
+    put,
     sparse_get,
     sparse_inc,
 )
-from faultline.scenario import DESIGNS, POLICIES, Scenario, file_value
+from faultline.scenario import POLICIES, Scenario, file_value
 from faultline.vmm import policy as P
 
-State = tuple
-# guest component: accesses completed from a page that cannot back them: beyond EOF, a
-# hole (never written since it was punched / the file re-extended) or a poisoned page.
-# Must stay 0: the fault path never completes such an access (the witness of
-# no_fabricated_data; tests/check show the predicate fires on a model that skips it).
-G_BADREAD = 2
+__all__ = ["DEFAULT_PARAMS", "EventSink", "System"]
 
 A_READ, A_WRITE, A_EXEC, A_KREAD = 1, 2, 3, 4
-# access tuple: (kind, gidx, file, page, addr, vaddr, expect, wvalue, user, init, writable)
-(X_KIND, X_GIDX, X_FILE, X_PAGE, X_ADDR, X_VADDR, X_EXPECT, X_WVAL, X_USER, X_INIT,
- X_WRITABLE) = range(11)
+
+
+class Access(NamedTuple):
+    """One guest memory access of an instruction, compiled from the scenario."""
+    kind: int  # A_*
+    gidx: int  # window page index, -1 for anonymous guest RAM
+    file: int
+    page: int
+    addr: int  # gpa
+    vaddr: int
+    expect: int | None
+    wvalue: int
+    user: bool  # False: a kernel-mode access (kread)
+    init: int  # the file's original value at this address
+    writable: bool  # the guest PTE allows writes
+
 
 R_OK, R_RETRY, R_SLEEP, R_EXIT, R_DEAD = range(5)
 
-DEFAULT_PARAMS: dict[str, Any] = {
-    "cached_at_start": False,  # file pages start outside the page cache (cold DAX window)
-    "async_pf_per_vcpu": K.ASYNC_PF_PER_VCPU,  # max queued async work per vCPU
-    "hash_size": K.ASYNC_PF_PER_VCPU,  # slots of the outstanding-gfn hash (power of 2)
-    "token_alloc": "lowest-free",  # or "counter" (upstream's apf.id++, never 0)
-    # kvm_arch_interrupt_allowed() during a kernel-mode (kread) access. faultline's guest
-    # enters its syscalls through an interrupt gate (IF=0): False -> synchronous path.
-    # True: KVM sets up an async PF with an artificial halt (KVM_REQ_APF_HALT).
-    "kernel_irqs_on": False,
-    # Upstream also does async PF + artificial halt for a guest that never enabled PV APF
-    # (kvm_can_do_async_pf() does not look at the APF MSR). False: a scenario's
-    # `vm.apf = false` means no async PF at all (every fault synchronous), as on the kvm
-    # backend here.
-    "async_without_pv": False,
-    "fail_cap": 3,  # T_FAILS saturates here (a label, not a behaviour)
-    "exit_cap": 7,  # per-page exit counts saturate here
-    "max_repeats": P.MAX_REPEATS,  # exits for an already-handled page before giving up
-    # The VMM registers every file window with userfaultfd (MISSING + UFFD_FEATURE_SIGBUS)
-    # over tmpfs, as faultline's real VMM does: the host fault on a hole (punched, or the
-    # sparse range of a re-extended file) is VM_FAULT_SIGBUS, exactly like a page beyond
-    # EOF. False: a hole is allocated on first touch and reads zeros (plain shmem/DAX).
-    "uffd_sigbus_holes": True,
-    # The VMM decodes the faulting instruction (as the real VMM does for every fault it
-    # catches), so it knows the exact byte the access touched, not only the gfn that
-    # KVM_EXIT_MEMORY_FAULT names: the fault record and an SRAR's MCi_ADDR carry it, and
-    # the guest's SIGBUS address is exact. False: page granularity (the gfn only).
-    "vmm_exact_gpa": True,
-    # proactive: the VMM's file watcher sees every host change before the guest runs on
-    # (the real runner waits for its watcher after each change it makes: _sync_watch).
-    # False: the watcher is a separate actor that may be late (races explored).
-    "proactive_sync": True,
-    # The notification interrupt goes to one vCPU (the faulting one; for proactive, the
-    # one whose step changed the file), as the real VMM's KVM_INTERRUPT does; the other
-    # vCPUs run on until it is taken (conformance sets this). False: every vCPU takes
-    # the pending notification before running anything (the checker's default).
-    "notify_one_vcpu": False,
-    # Symmetry reduction for the checker: offer ``canonical(state)`` (see _symmetry_groups)
-    # when the scenario has interchangeable tasks. Off by default: a canonical state may
-    # have its tasks rotated, so action names along a path only replay with canonical
-    # states (replay(..., canonical=True)); the checker's matrix turns it on.
-    "symmetry": False,
-}
+
+class EventSink(Protocol):
+    """Where the model's events go (faultline.outcome.EventLog is one)."""
+
+    def emit(self, kind: str, *, vcpu: int | None = None, task: str | None = None,
+             **fields: Any) -> Any: ...
 
 
 class System:
     # Actions of vCPU v (args[0] == v) that read and write only vCPU v, the tasks of vCPU
-    # v and the shared components (files, mem, guest, vmm, fired): never another vCPU nor
+    # v and the shared records (files, mem, guest, vmm, fired): never another vCPU nor
     # another vCPU's tasks (the guest's memory_failure, which may kill any mapper, runs
     # only in _guest_mce / _guest_notify, which are not listed). The checker memoises
-    # these per (action, args, those components) over interned components
-    # (check/adapter.py): ~96% of edges are then one dict lookup. The adapter asserts
-    # the write side on every memo miss; the read side is what this comment argues.
+    # these per (action, args, those records) (check/adapter.py): ~96% of edges are then
+    # one dict lookup. FAULTLINE_CHECK_MEMO=1 asserts both sides on every edge.
     VCPU_LOCAL_ACTIONS = frozenset(("_step", "_async_execute", "_apf_ready",
                                     "_request_exit", "_vmm_exit"))
+    properties = PROPERTIES  # the checker's contract: faultline.check.contract.Model
 
-    def __init__(self, scenario: Scenario, design: str, policy: str, **params: Any) -> None:
-        if design not in DESIGNS:
-            raise ValueError(f"unknown design {design!r} (one of: {', '.join(DESIGNS)})")
+    def __init__(self, scenario: Scenario, design: str | Design, policy: str, *,
+                 sink: EventSink | None = None, **params: Any) -> None:
+        from faultline.model.designs import get_design
+
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r} (one of: {', '.join(POLICIES)})")
-        unknown = set(params) - set(DEFAULT_PARAMS)
-        if unknown:
-            raise ValueError(f"unknown model parameters: {', '.join(sorted(unknown))}")
-        self.params = {**DEFAULT_PARAMS, **params}
-        p = self.params
-        if p["hash_size"] & (p["hash_size"] - 1) or p["hash_size"] < 1:
-            raise ValueError("hash_size must be a power of two")
-        if p["async_pf_per_vcpu"] > p["hash_size"]:
-            raise ValueError("async_pf_per_vcpu must not exceed hash_size")
+        self.d: Design = design if isinstance(design, Design) else get_design(design)
+        self.design = self.d.name
+        self.params = p = Params.make(**params)
         self.sc = scenario
-        self.design = design
         self.policy = policy
-        self.hash_size = p["hash_size"]
-        self.max_queued = p["async_pf_per_vcpu"]
-        self.counter_tokens = p["token_alloc"] == "counter"
-        self.kernel_irqs_on = bool(p["kernel_irqs_on"])
+        self.sink = sink
+        self.hash_size = p.hash_size
+        self.max_queued = p.async_pf_per_vcpu
+        self.counter_tokens = p.token_alloc == "counter"
+        self.kernel_irqs_on = p.kernel_irqs_on
         self.pv_apf = scenario.apf
-        self.apf_possible = scenario.apf or bool(p["async_without_pv"])
-        self.fail_cap = p["fail_cap"]
-        self.exit_cap = p["exit_cap"]
-        self.max_repeats = p["max_repeats"]
-        self.holes_fail = bool(p["uffd_sigbus_holes"])
-        self.exact_gpa = bool(p["vmm_exact_gpa"])
-        self.proactive_sync = bool(p["proactive_sync"]) and policy == "proactive"
-        self.notify_one_vcpu = bool(p["notify_one_vcpu"])
-        self._ev: Callable[..., Any] | None = None
+        self.apf_possible = scenario.apf or p.async_without_pv
+        self.fail_cap = p.fail_cap
+        self.exit_cap = p.exit_cap
+        self.max_repeats = p.max_repeats
+        self.holes_fail = p.uffd_sigbus_holes
+        self.exact_gpa = p.vmm_exact_gpa
+        self.proactive_sync = p.proactive_sync and policy == "proactive"
+        self.notify_one_vcpu = p.notify_one_vcpu
 
         # Window pages get a global index (gidx) for bitmasks.
         self.files = scenario.files
@@ -208,7 +155,7 @@ class System:
             tuple(t.index for t in self.tasks if t.vcpu == v) for v in range(scenario.vcpus))
         self.early_kill = tuple(t.early_kill for t in self.tasks)
         self.loop_index: list[dict[int, int]] = []
-        self.acc: list[list[tuple]] = []
+        self.acc: list[list[tuple[Access, ...]]] = []
         mappers: dict[int, list[tuple[int, int]]] = {}
         for t in self.tasks:
             li = {pc: i for i, pc in enumerate(pc for pc, ins in enumerate(t.program)
@@ -232,20 +179,29 @@ class System:
                 self.trig.setdefault((ti, ev.trigger.step), []).append(ev.index)
                 max_step = max(max_step, ev.trigger.step)
         self.step_cap = max_step + 1
+        # Fairness classes (weak fairness per class; interned strings and tuples, so the
+        # checker's class lookup hashes cheaply): "vcpuN": a runnable vCPU eventually runs
+        # (a task step, an interrupt / #MC / page-ready delivery, a design's request);
+        # ("asyncN", token, gfn): each queued async work item eventually completes;
+        # ("vmm", action, target): each exit, each file change is eventually handled.
         self._vcpu_actor = tuple(f"vcpu{v}" for v in range(scenario.vcpus))
         self._async_actor = tuple(f"async{v}" for v in range(scenario.vcpus))
-        self.file_gidx_mask = [((1 << f.pages) - 1) << self.fbase[i]
-                               for i, f in enumerate(self.files)]
+        self._vmm_exit_class = tuple(("vmm", "_vmm_exit", (v,)) for v in range(scenario.vcpus))
+        self._file_class = tuple(("vmm", "_vmm_file_change", (fi,))
+                                 for fi in range(len(scenario.files)))
+        # The memo footprint of VCPU_LOCAL_ACTIONS (the checker's contract).
+        self.memo_footprint = MemoFootprint(self.VCPU_LOCAL_ACTIONS, self.by_vcpu,
+                                            ("files", "mem", "guest", "vmm", "fired"))
 
         # Symmetry: the explorer canonicalises every state it meets if `canonical` is
         # not None (an instance attribute, so it is absent when there is nothing to gain).
         self.sym_groups = self._symmetry_groups()
         self.canonical: Callable[[State], State] | None = (
-            self._canonical if self.sym_groups and p["symmetry"] else None)
+            self._canonical if self.sym_groups and p.symmetry else None)
 
     # --- precomputation -------------------------------------------------------------
 
-    def _compile_accesses(self, t, ins) -> tuple:
+    def _compile_accesses(self, t: Any, ins: Any) -> tuple[Access, ...]:
         op = ins.op
         kinds = {abi.OP_READ: A_READ, abi.OP_WRITE: A_WRITE, abi.OP_EXEC: A_EXEC,
                  abi.OP_KREAD: A_KREAD, abi.OP_READ_SPAN: A_READ}
@@ -267,15 +223,15 @@ class System:
             expect = ins.imm if (op in (abi.OP_READ, abi.OP_KREAD)
                                  and ins.flags & abi.INSN_F_EXPECT) else None
             wval = ins.imm if op == abi.OP_WRITE else 0
+            user = op != abi.OP_KREAD
             if m.window is None:
-                out.append((kinds[op], -1, -1, -1, addr, vaddr, expect, wval, op != abi.OP_KREAD,
-                            0, m.writable))
+                out.append(Access(kinds[op], -1, -1, -1, addr, vaddr, expect, wval, user, 0,
+                                  m.writable))
             else:
                 f = self.files[m.window]
                 off = m.page * abi.PAGE_SIZE + ins.arg
-                out.append((kinds[op], self.gpa_gidx[m.gpa], m.window, m.page, addr, vaddr,
-                            expect, wval, op != abi.OP_KREAD, file_value(f, off),
-                            m.writable))
+                out.append(Access(kinds[op], self.gpa_gidx[m.gpa], m.window, m.page, addr,
+                                  vaddr, expect, wval, user, file_value(f, off), m.writable))
         return tuple(out)
 
     # --- symmetry ---------------------------------------------------------------------
@@ -283,10 +239,10 @@ class System:
     def _symmetry_groups(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
         """vCPUs whose tasks are all interchangeable: ((vcpu, task indices), ...).
 
-        The group used is the rotations of such a vCPU's task list (with V_CUR rotated
+        The group used is the rotations of such a vCPU's task list (with Vcpu.cur rotated
         along). Why only rotations, and only when *every* task of the vCPU is alike: the
-        scheduler is round-robin over list positions (the first runnable task from V_CUR,
-        then V_CUR = pos + 1), so a permutation of positions commutes with it only if it
+        scheduler is round-robin over list positions (the first runnable task from cur,
+        then cur = pos + 1), so a permutation of positions commutes with it only if it
         preserves the cyclic order, i.e. is a rotation; a rotation maps each task to an
         identical one only if all of them are identical.
 
@@ -298,7 +254,7 @@ class System:
         only through data that r preserves: their programs, access tables (acc),
         mappers (same vaddr for each), early_kill, the scheduler (rotation-invariant as
         above), tokens (per vCPU, unique among its sleeping tasks); task *indices* are
-        stored only in V_EXIT (the exiting task) and in ring records (ar_task), which
+        stored only in Vcpu.exit (the exiting task) and in ring records (ar_task), which
         canonical() renames with the same map. So s -> s' iff r(s) -> r(s'), with the same
         fairness class (classes name vCPUs, work items and VMM targets, never tasks), and
         every label the checker reads (aborted, bad reads, "some task killed without
@@ -308,7 +264,8 @@ class System:
         reachability of done lift and project edge by edge). Not done (not sound as is):
         permuting vCPUs (their fairness classes vcpuN / asyncN / vmm_handle_exit vcpuN
         would be permuted too, and the tokens' vCPU bits with them), and renaming token ids
-        (an async work item's fairness class is (vCPU, token, gfn)).
+        (an async work item's fairness class is (vCPU, token, gfn)). A design that keeps a
+        task index in its own per-vCPU state would break this: none does.
         """
         names_in_triggers = {ev.trigger.task for ev in self.sc.events}
         groups = []
@@ -330,14 +287,16 @@ class System:
 
     def _canonical(self, s: State) -> State:
         """The orbit's representative: per symmetric vCPU, the rotation of its tasks
-        (with V_CUR) that gives the smallest (task tuples, cur). Task tuples compare
-        safely: T_RESULT's type is fixed by T_STATUS, which comes first."""
-        tasks = s[S_TASKS]
-        vcpus = s[S_VCPUS]
+        (with Vcpu.cur) that gives the smallest (task records, cur). Task records compare
+        safely: the type of Task.result is fixed by Task.status, which comes first."""
+        tasks = s.tasks
+        vcpus = s.vcpus
         rename: dict[int, int] | None = None
+        tl: list[Task] = []
+        vl: list[Vcpu] = []
         for v, ts in self.sym_groups:
             n = len(ts)
-            cur = vcpus[v][V_CUR]
+            cur = vcpus[v].cur
             row = tuple(tasks[t] for t in ts)
             best, bk = (row, cur), 0
             for k in range(1, n):
@@ -349,38 +308,37 @@ class System:
                 continue
             if rename is None:
                 rename = {}
-                tasks = list(tasks)
-                vcpus = list(vcpus)
+                tl = list(tasks)
+                vl = list(vcpus)
             for p in range(n):
                 rename[ts[p]] = ts[(p + bk) % n]
             for i, tk in enumerate(best[0]):
-                tasks[ts[i]] = tk
-            vc = vcpus[v]
-            ex = vc[V_EXIT]
-            if ex and ex[2] >= 0:
-                ex = ex[:2] + (rename.get(ex[2], ex[2]),) + ex[3:]
-            vcpus[v] = (best[1],) + vc[1:V_EXIT] + (ex,) + vc[V_EXIT + 1:]
+                tl[ts[i]] = tk
+            vc = vl[v]
+            ex = vc.exit
+            if ex and ex.task >= 0:
+                ex = ex._replace(task=rename.get(ex.task, ex.task))
+            vl[v] = vc._replace(cur=best[1], exit=ex)
         if rename is None:
             return s
-        guest = s[S_GUEST]
-        ring = guest[G_RING]
-        if ring:
-            ring = tuple(r[:3] + (rename.get(r[3], r[3]),) + r[4:] for r in ring)
-            guest = (guest[0], ring) + guest[2:]
-        return (s[S_FILES], s[S_MEM], tuple(vcpus), tuple(tasks), guest) + s[S_VMM:]
+        guest = s.guest
+        if guest.ring:
+            guest = guest._replace(ring=tuple(r._replace(ar_task=rename.get(r.ar_task, r.ar_task))
+                                              for r in guest.ring))
+        return State(s.files, s.mem, tuple(vl), tuple(tl), guest, s.vmm, s.fired)
 
     # --- state ------------------------------------------------------------------------
 
     def init(self) -> State:
-        cached = bool(self.params["cached_at_start"])
+        cached = self.params.cached_at_start
         files = tuple(H.new_file(f.size, f.pages, cached) for f in self.files)
-        vcpus = tuple((0, MODE_RUN, (), (), (), 0, -1 if self.design == "request" else (),
-                       (), (), 1) for _ in range(self.sc.vcpus))
-        tasks = tuple((TS_RUN, 0, 0, (0,) * len(self.loop_index[t.index]), 0, 0, 0, 0, 0)
+        vcpus = tuple(Vcpu(0, MODE_RUN, (), (), (), 0, self.d.vcpu_init, (), (), 1)
+                      for _ in range(self.sc.vcpus))
+        tasks = tuple(Task(TS_RUN, 0, 0, (0,) * len(self.loop_index[t.index]), 0, 0, 0, 0, 0)
                       for t in self.tasks)
-        guest = (0, (), 0)
-        vmm = ("", 0, tuple((f.size, 0) for f in self.files), (), ())
-        s = (files, (), vcpus, tasks, guest, vmm, 0)
+        guest = Guest(0, (), 0)
+        vmm = Vmm("", 0, tuple((f.size, 0) for f in self.files), (), ())
+        s = State(files, (), vcpus, tasks, guest, vmm, 0)
         for e in self.start_events:
             s = self._fire(s, e)
         return s
@@ -388,34 +346,34 @@ class System:
     # --- enabled actions ----------------------------------------------------------------
 
     def enabled(self, s: State, names: bool = True
-                ) -> list[tuple[str | None, str, Callable[..., State], tuple]]:
-        """Every enabled action: (name, actor, fn, args); next state = fn(s, *args).
-        ``names=False``: name is None (cheaper; for exhaustive search)."""
-        # (name is None when names=False: the checker's hot path builds no strings)
-        out: list[tuple[str | None, str, Callable[..., State], tuple]] = []
-        vmm = s[S_VMM]
-        if vmm[M_ABORT]:
+                ) -> list[tuple[str | None, Hashable, Callable[..., State], tuple]]:
+        """Every enabled action: (name, fairness class, fn, args); next state =
+        fn(s, *args). ``names=False``: name is None (cheaper; for exhaustive search)."""
+        out: list[tuple[str | None, Hashable, Callable[..., State], tuple]] = []
+        vmm = s.vmm
+        if vmm.abort:
             return out
-        vcpus = s[S_VCPUS]
-        tasks = s[S_TASKS]
-        ring = s[S_GUEST][G_RING]
-        for v, vc in enumerate(vcpus):
+        tasks = s.tasks
+        ring = s.guest.ring
+        entry_requests = self.d.entry_requests
+        for v, vc in enumerate(s.vcpus):
             va = self._vcpu_actor[v]  # interned: its hash is computed once (the checker's class)
-            mode = vc[V_MODE]
+            mode = vc.mode
             if mode == MODE_EXIT:
-                out.append((f"vmm_handle_exit vcpu{v}", "vmm", self._vmm_exit, (v,)))
+                out.append((f"vmm_handle_exit vcpu{v}", self._vmm_exit_class[v],
+                            self._vmm_exit, (v,)))
                 continue
-            if vc[V_REQS] & K.REQ_MEMORY_FAULT:
-                out.append(((f"vcpu{v} kvm_exit memory_fault (request)" if names else None), va,
+            if vc.requests & entry_requests:
+                out.append(((f"vcpu{v} {self.d.entry_action}" if names else None), va,
                             self._request_exit, (v,)))
-            elif vc[V_DONE]:
-                out.append((f"vcpu{v} kvm_check_async_pf_completion token={vc[V_DONE][0][0]:#x}"
-                            if names else None,
+            elif vc.apf_done:
+                out.append((f"vcpu{v} kvm_check_async_pf_completion "
+                            f"token={vc.apf_done[0].token:#x}" if names else None,
                             va, self._apf_ready, (v,)))
-            elif vc[V_MCEQ]:
-                out.append(((f"vcpu{v} guest #MC gpa={vc[V_MCEQ][0][0]:#x}" if names else None), va,
-                            self._guest_mce, (v,)))
-            elif ring and (not self.notify_one_vcpu or any(r[4] == v for r in ring)):
+            elif vc.mce_queue:
+                out.append(((f"vcpu{v} guest #MC gpa={vc.mce_queue[0][0]:#x}" if names
+                             else None), va, self._guest_mce, (v,)))
+            elif ring and (not self.notify_one_vcpu or any(r.vcpu == v for r in ring)):
                 # The notification interrupt goes to one vCPU (the VMM's KVM_INTERRUPT);
                 # the others run on meanwhile, as on real KVM.
                 out.append(((f"vcpu{v} guest notify interrupt" if names else None), va,
@@ -423,27 +381,27 @@ class System:
             elif mode == MODE_RUN:
                 mine = self.by_vcpu[v]
                 n = len(mine)
-                cur = vc[V_CUR]
+                cur = vc.cur
                 for i in range(n):
                     pos = (cur + i) % n
                     t = mine[pos]
-                    if tasks[t][T_STATUS] == TS_RUN:
-                        tk = tasks[t]
+                    tk = tasks[t]
+                    if tk.status == TS_RUN:
                         out.append((f"vcpu{v} {self.names[t]}: "
-                                    f"{self.tasks[t].program[tk[T_PC]].text}" if names else None,
+                                    f"{self.tasks[t].program[tk.pc].text}" if names else None,
                                     va, self._step, (v, pos, t)))
                         break
-            for item in vc[V_QUEUE]:
-                out.append((f"async_pf_execute vcpu{v} token={item[0]:#x}" if names else None,
-                            self._async_actor[v],
+            for item in vc.apf_queue:
+                out.append((f"async_pf_execute vcpu{v} token={item.token:#x}" if names else None,
+                            (self._async_actor[v], item.token, item.gfn),
                             self._async_execute, (v, item)))
         if self.policy == "proactive":
-            files = s[S_FILES]
-            for fi, known in enumerate(vmm[M_KNOWN]):
+            files = s.files
+            for fi, known in enumerate(vmm.known):
                 f = files[fi]
-                if known[0] != f[F_SIZE] or known[1] != f[F_HOLES]:
-                    out.append((f"vmm_file_change {self.files[fi].name}", "vmm",
-                                self._vmm_file_change, (fi,)))
+                if known[0] != f.size or known[1] != f.holes:
+                    out.append((f"vmm_file_change {self.files[fi].name}",
+                                self._file_class[fi], self._vmm_file_change, (fi,)))
         return out
 
     def actions(self, s: State) -> list[tuple[str, State]]:
@@ -458,10 +416,10 @@ class System:
     # --- labels / predicates for the checker --------------------------------------------
 
     def tasks_finished(self, s: State) -> bool:
-        return all(tk[T_STATUS] in FINISHED for tk in s[S_TASKS])
+        return all(tk.status in FINISHED for tk in s.tasks)
 
     def vm_aborted(self, s: State) -> bool:
-        return bool(s[S_VMM][M_ABORT])
+        return bool(s.vmm.abort)
 
     def is_done(self, s: State) -> bool:
         return self.vm_aborted(s) or self.tasks_finished(s)
@@ -469,65 +427,43 @@ class System:
     def task_fate(self, s: State, t: int) -> tuple:
         """("exited", code) | ("sigbus", si_code name, vaddr) | ("killed", reason) |
         ("running",) | ("sleeping", token)."""
-        tk = s[S_TASKS][t]
-        st = tk[T_STATUS]
+        tk = s.tasks[t]
+        st = tk.status
         if st == TS_EXITED:
-            return ("exited", tk[T_RESULT])
+            return ("exited", tk.result)
         if st == TS_SIGBUS:
-            code, vaddr = tk[T_RESULT]
+            code, vaddr = tk.result
             return ("sigbus", abi.SI_CODES.get((abi.SIGBUS, code), str(code)), vaddr)
         if st == TS_KILLED:
-            return ("killed", tk[T_RESULT])
+            return ("killed", tk.result)
         if st == TS_SLEEP:
-            return ("sleeping", tk[5])
+            return ("sleeping", tk.token)
         return ("running",)
 
     def bad_reads(self, s: State) -> int:
         """Accesses completed with data from a page that cannot back them (fabricated
         data): a page beyond EOF, a hole never written, or a poisoned page."""
-        return s[S_GUEST][G_BADREAD]
+        return s.guest.bad_reads
 
     def imprecise_kills(self, s: State) -> list[str]:
         """Tasks killed (SIGBUS / killed) that never touched a bad page."""
-        return [self.names[t] for t, tk in enumerate(s[S_TASKS])
-                if tk[T_STATUS] in (TS_SIGBUS, TS_KILLED) and not tk[T_TOUCHED]]
+        return [self.names[t] for t, tk in enumerate(s.tasks)
+                if tk.status in (TS_SIGBUS, TS_KILLED) and not tk.touched]
 
     def exits_per_page(self, s: State) -> dict[int, int]:
         """Memory-fault exits to userspace per bad page (GPA; -1: unknown), saturating."""
         out = {}
-        for g, n in s[S_VMM][M_EXITS]:
+        for g, n in s.vmm.exits:
             out[-1 if g < 0 else self.gidx_gpa(g)] = n
         return out
 
     def failing_accesses(self, s: State) -> dict[str, int]:
         """Tasks whose current access to a bad page has failed (count, saturating): the
         "first failing access" counters; 0 once the access is resolved."""
-        return {self.names[t]: tk[T_FAILS] for t, tk in enumerate(s[S_TASKS]) if tk[T_FAILS]}
-
-    def safety_mask(self, s: State, max_tries: int) -> int:
-        """The five safety labels at once, read straight from the encoding (the checker
-        calls this once per distinct state; the label methods above build names, lists and
-        dicts and cost several times more). Bit 0: the VM was stopped (``vm_aborted``);
-        bit 1: ``bad_reads`` > 0; bit 2: ``imprecise_kills`` non-empty; bit 3: a page with
-        more than one exit (``exits_per_page``); bit 4: a task whose access failed more
-        than ``max_tries`` times (``failing_accesses``). tests/check asserts it agrees
-        with the label methods on every explored state."""
-        vmm = s[S_VMM]
-        m = 1 if vmm[M_ABORT] else 0
-        if s[S_GUEST][G_BADREAD]:
-            m |= 2
-        for tk in s[S_TASKS]:
-            if tk[T_STATUS] >= TS_SIGBUS and not tk[T_TOUCHED]:  # TS_SIGBUS or TS_KILLED
-                m |= 4
-            if tk[T_FAILS] > max_tries:
-                m |= 16
-        for _g, n in vmm[M_EXITS]:
-            if n > 1:
-                return m | 8
-        return m
+        return {self.names[t]: tk.fails for t, tk in enumerate(s.tasks) if tk.fails}
 
     def offlined_gpas(self, s: State) -> set[int]:
-        mask = s[S_GUEST][G_OFFLINED]
+        mask = s.guest.offlined
         return {self.gidx_gpa(g) for g in range(self.ngidx) if mask >> g & 1}
 
     def gidx_gpa(self, g: int) -> int:
@@ -537,49 +473,97 @@ class System:
     def describe(self, s: State) -> dict[str, Any]:
         """A readable view of a state (for counterexamples)."""
         return {
-            "files": {f.name: {"size": s[S_FILES][i][F_SIZE],
-                               "cached": bin(s[S_FILES][i][F_CACHED])}
+            "files": {f.name: {"size": s.files[i].size, "cached": bin(s.files[i].cached)}
                       for i, f in enumerate(self.files)},
             "tasks": {self.names[t]: self.task_fate(s, t) for t in range(len(self.tasks))},
-            "vcpus": [{"mode": ("run", "halted", "exit")[vc[V_MODE]],
-                       "hash": vc[V_HASH], "queue": vc[V_QUEUE], "done": vc[V_DONE],
-                       "exit": vc[V_EXIT], "mceq": vc[V_MCEQ]} for vc in s[S_VCPUS]],
+            "vcpus": [{"mode": MODES[vc.mode], "hash": vc.apf_hash, "queue": vc.apf_queue,
+                       "done": vc.apf_done, "exit": vc.exit, "mceq": vc.mce_queue}
+                      for vc in s.vcpus],
             "offlined": sorted(hex(g) for g in self.offlined_gpas(s)),
-            "vmm": {"abort": s[S_VMM][M_ABORT], "exits": s[S_VMM][M_EXITS]},
+            "vmm": {"abort": s.vmm.abort, "exits": s.vmm.exits},
         }
 
-    # --- helpers ------------------------------------------------------------------------
+    def view(self, s: State) -> dict[str, Any]:
+        """A flat ``{"tasks.toucher.pc": 1, "vcpus[0].apf_queue": ...}`` view of a state,
+        named from its records (the checker diffs it along a counterexample)."""
+        out: dict[str, Any] = {}
+        x: Any
+        for i, f in enumerate(s.files):
+            for k, x in zip(f._fields, f, strict=True):
+                out[f"files.{self.files[i].name}.{k}"] = x
+        out["mem"] = s.mem
+        design_field = self.d.vcpu_state_name
+        for v, vc in enumerate(s.vcpus):
+            for k, x in zip(vc._fields, vc, strict=True):
+                out[f"vcpus[{v}].{design_field if k == 'design' else k}"] = x
+            out[f"vcpus[{v}].mode"] = MODES[vc.mode]
+        for t, tk in enumerate(s.tasks):
+            for k, x in zip(tk._fields, tk, strict=True):
+                out[f"tasks.{self.names[t]}.{k}"] = x
+            out[f"tasks.{self.names[t]}.status"] = TASK_STATUS[tk.status]
+        for k, x in zip(s.guest._fields, s.guest, strict=True):
+            out[f"guest.{k}"] = x
+        for k, x in zip(s.vmm._fields, s.vmm, strict=True):
+            out[f"vmm.{k}"] = x
+        out["fired"] = s.fired
+        return out
 
-    def _emit(self, kind: str, vcpu: int | None = None, task: int | None = None,
-              **fields: Any) -> None:
-        if self._ev is not None:
-            self._ev(kind, vcpu=vcpu, task=self.names[task] if task is not None and task >= 0
-                     else None, **fields)
+    # --- helpers (also for design hooks) ---------------------------------------------
 
-    # The top level has 7 components: building it as a display is about twice as fast as
-    # slicing and concatenating (no intermediate tuples); these run on most transitions.
+    def emit(self, kind: str, vcpu: int | None = None, task: int | None = None,
+             **fields: Any) -> None:
+        """An event to the sink (none: nothing); ``task`` is an index, logged by name."""
+        if self.sink is not None:
+            self.sink.emit(kind, vcpu=vcpu, task=self.names[task]
+                           if task is not None and task >= 0 else None, **fields)
+
+    # The top level has 7 fields: building it by constructor is about twice as fast as
+    # _replace; these run on most transitions.
     @staticmethod
-    def _set_vcpu(s: State, v: int, vc: tuple) -> State:
-        vcpus = s[2]  # S_VCPUS
-        return (s[0], s[1], vcpus[:v] + (vc,) + vcpus[v + 1:], s[3], s[4], s[5], s[6])
+    def set_vcpu(s: State, v: int, vc: Vcpu) -> State:
+        vcpus = s.vcpus
+        return State(s.files, s.mem, vcpus[:v] + (vc,) + vcpus[v + 1:],  # noqa: RUF005
+                     s.tasks, s.guest, s.vmm, s.fired)
 
     @staticmethod
-    def _set_task(s: State, t: int, tk: tuple) -> State:
-        tasks = s[3]  # S_TASKS
-        return (s[0], s[1], s[2], tasks[:t] + (tk,) + tasks[t + 1:], s[4], s[5], s[6])
+    def set_task(s: State, t: int, tk: Task) -> State:
+        tasks = s.tasks
+        return State(s.files, s.mem, s.vcpus, tasks[:t] + (tk,) + tasks[t + 1:],  # noqa: RUF005
+                     s.guest, s.vmm, s.fired)
 
-    def _value(self, s: State, a: tuple) -> int:
-        addr = a[X_ADDR]
-        for k, val in s[S_MEM]:
+    @staticmethod
+    def set_file(s: State, fi: int, f: File) -> State:
+        return s._replace(files=put(s.files, fi, f))
+
+    def current_task(self, s: State, v: int) -> int:
+        """The task vCPU v runs now if it is runnable, else -1."""
+        mine = self.by_vcpu[v]
+        if not mine:
+            return -1
+        t = mine[s.vcpus[v].cur % len(mine)]
+        return t if s.tasks[t].status == TS_RUN else -1
+
+    def exit_to_userspace(self, s: State, v: int, ex: Exit, count_gpa: int) -> State:
+        """KVM_RUN returns to the VMM on vCPU v with ``ex``; a memory-fault exit for the
+        page of ``count_gpa`` is counted (the one_exit_per_bad_page label)."""
+        vc = s.vcpus[v]
+        s = self.set_vcpu(s, v, vc._replace(mode=MODE_EXIT, exit=ex))
+        g = self.gpa_gidx.get(count_gpa & ~(abi.PAGE_SIZE - 1), -1)
+        vmm = s.vmm
+        return s._replace(vmm=vmm._replace(exits=sparse_inc(vmm.exits, g, self.exit_cap)))
+
+    def _value(self, s: State, a: Access) -> int:
+        addr = a.addr
+        for k, val in s.mem:
             if k == addr:
                 return val
-        if a[X_GIDX] < 0:
+        if a.gidx < 0:
             return 0
-        f = s[S_FILES][a[X_FILE]]
-        off = a[X_PAGE] * abi.PAGE_SIZE + (addr & (abi.PAGE_SIZE - 1))
-        if f[F_ZEROED] >> a[X_PAGE] & 1 or off >= f[F_ZERO_FROM]:
+        f = s.files[a.file]
+        off = a.page * abi.PAGE_SIZE + (addr & (abi.PAGE_SIZE - 1))
+        if f.zeroed >> a.page & 1 or off >= f.zero_from:
             return 0
-        return a[X_INIT]
+        return a.init
 
     @staticmethod
     def _mem_set(mem: tuple, addr: int, value: int) -> tuple:
@@ -593,205 +577,137 @@ class System:
         ev = self.sc.events[e]
         fi = next(i for i, f in enumerate(self.files) if f.name == ev.file)
         spec = self.files[fi]
-        files = s[S_FILES]
-        f = files[fi]
-        mem = s[S_MEM]
+        f = s.files[fi]
+        mem = s.mem
         wlo, whi = spec.window_gpa, spec.window_gpa + spec.window_bytes
         size = ev.size if ev.size is not None else 0  # set for truncate/extend (validated)
-        if ev.action == "truncate" and size > f[F_SIZE]:
+        if ev.action == "truncate" and size > f.size:
             nf = H.extend(f, size, spec.pages)  # ftruncate(2) to a larger size grows it
-            if self._ev is not None:
-                self._emit("host_truncate", file=spec.name, old_size=f[F_SIZE], new_size=size)
+            self.emit("host_truncate", file=spec.name, old_size=f.size, new_size=size)
         elif ev.action == "truncate":
             nf = H.truncate(f, size, spec.pages)
             mem = tuple(x for x in mem if not (wlo <= x[0] < whi and x[0] - wlo >= size))
-            if self._ev is not None:
-                self._emit("host_truncate", file=spec.name, old_size=f[F_SIZE], new_size=size)
+            self.emit("host_truncate", file=spec.name, old_size=f.size, new_size=size)
         elif ev.action == "extend":
             nf = H.extend(f, size, spec.pages)
-            if self._ev is not None:
-                self._emit("host_extend", file=spec.name, old_size=f[F_SIZE], new_size=nf[F_SIZE])
+            self.emit("host_extend", file=spec.name, old_size=f.size, new_size=nf.size)
         elif ev.action == "punch-hole":
             nf = H.punch_hole(f, ev.offset, ev.length, spec.pages)
             lo, hi = wlo + ev.offset, wlo + ev.offset + ev.length
             mem = tuple(x for x in mem if not lo <= x[0] < hi)
-            if self._ev is not None:
-                self._emit("host_punch_hole", file=spec.name, offset=ev.offset, length=ev.length)
+            self.emit("host_punch_hole", file=spec.name, offset=ev.offset, length=ev.length)
         elif ev.action == "poison":
             nf = H.poison(f, ev.offset, ev.length, spec.pages)
-            if self._ev is not None:
-                self._emit("host_memory_failure", file=spec.name, offset=ev.offset,
-                           length=ev.length)
+            self.emit("host_memory_failure", file=spec.name, offset=ev.offset,
+                      length=ev.length)
         else:  # write
             # pwrite(2): a write past EOF extends the file (the gap is sparse); the written
             # page is allocated (no longer a hole).
             f = H.extend(f, ev.offset + 8, spec.pages)
             pg = ev.offset >> abi.PAGE_SHIFT
             bit = 1 << pg if pg < spec.pages else 0
-            nf = (f[F_SIZE], f[F_CACHED] | bit, f[F_HOLES] & ~bit) + f[3:]
+            nf = f._replace(cached=f.cached | bit, holes=f.holes & ~bit)
             mem = self._mem_set(mem, wlo + ev.offset, ev.value)
-            if self._ev is not None:
-                self._emit("host_write", file=spec.name, offset=ev.offset, value=hex(ev.value))
-        files = files[:fi] + (nf,) + files[fi + 1:]
-        s = (files, mem) + s[S_VCPUS:S_FIRED] + (s[S_FIRED] | (1 << e),)
+            self.emit("host_write", file=spec.name, offset=ev.offset, value=hex(ev.value))
+        s = s._replace(files=put(s.files, fi, nf), mem=mem, fired=s.fired | (1 << e))
         if self.proactive_sync:
-            known = s[S_VMM][M_KNOWN][fi]
-            if known[0] != nf[F_SIZE] or known[1] != nf[F_HOLES]:
+            known = s.vmm.known[fi]
+            if known[0] != nf.size or known[1] != nf.holes:
                 s = self._vmm_file_change(s, fi, v)
         return s
 
     # --- vCPU: pending work at entry -------------------------------------------------------
 
     def _request_exit(self, s: State, v: int) -> State:
-        """The request design: KVM_REQ_MEMORY_FAULT at entry -> exit with the snapshot GFN,
-        whatever task the vCPU runs."""
-        vc = s[S_VCPUS][v]
-        gfn = vc[V_ERR]
-        gpa = gfn << abi.PAGE_SHIFT
-        cur_t = self._current_task(s, v)
-        nvc = (vc[V_CUR], MODE_EXIT, vc[V_HASH], vc[V_QUEUE], vc[V_DONE],
-               vc[V_REQS] & ~K.REQ_MEMORY_FAULT, -1, (EXIT_REQUEST, gpa, cur_t, 0), vc[V_MCEQ],
-               vc[V_APFID])
-        if self._ev is not None:
-            self._emit("kvm_exit", vcpu=v, task=cur_t, reason="KVM_EXIT_MEMORY_FAULT",
-                       gpa=hex(gpa), size=abi.PAGE_SIZE, source="request")
-        s = self._set_vcpu(s, v, nvc)
-        return self._count_exit(s, gpa)
-
-    def _count_exit(self, s: State, gpa: int) -> State:
-        g = self.gpa_gidx.get(gpa & ~(abi.PAGE_SIZE - 1), -1)
-        vmm = s[S_VMM]
-        vmm = vmm[:M_EXITS] + (sparse_inc(vmm[M_EXITS], g, self.exit_cap),) + vmm[M_EXITS + 1:]
-        return s[:S_VMM] + (vmm,) + s[S_VMM + 1:]
-
-    def _current_task(self, s: State, v: int) -> int:
-        mine = self.by_vcpu[v]
-        if not mine:
-            return -1
-        t = mine[s[S_VCPUS][v][V_CUR] % len(mine)]
-        return t if s[S_TASKS][t][T_STATUS] == TS_RUN else -1
+        """vcpu_enter_guest() with a design's request pending (Design.entry_requests)."""
+        return self.d.vcpu_enter_guest(self, s, v)
 
     def _apf_ready(self, s: State, v: int) -> State:
         """kvm_check_async_pf_completion(): one completed item: kvm_arch_async_page_ready()
         (prefetch retry) then kvm_arch_async_page_present() (page-ready to the guest)."""
-        vc = s[S_VCPUS][v]
-        token, gfn, injected, _ok = vc[V_DONE][0]
+        work = s.vcpus[v].apf_done[0]
+        token, gfn = work.token, work.gfn
         gpa = gfn << abi.PAGE_SHIFT
-        g = self.gpa_gidx[gpa]
-        fi, pg = self.gidx_page[g]
-        files = s[S_FILES]
+        fi, pg = self.gidx_page[self.gpa_gidx[gpa]]
         # kvm_arch_async_page_ready(): re-run the fault as a prefetch (no async, blocking).
-        res, nf = H.gup_blocking(files[fi], pg, self.holes_fail)
-        if nf is not files[fi]:
-            files = files[:fi] + (nf,) + files[fi + 1:]
-            s = (files,) + s[1:]
-        err = vc[V_ERR]
-        reqs = vc[V_REQS]
+        res, nf = H.gup_blocking(s.files[fi], pg, self.holes_fail)
+        if nf is not s.files[fi]:
+            s = self.set_file(s, fi, nf)
         failed = res != H.GUP_OK
-        if self._ev is not None:
-            self._emit("kvm_arch_async_page_ready", vcpu=v, token=hex(token), gpa=hex(gpa),
-                       prefetch="mapped" if not failed else "-EFAULT")
-        if failed:
-            if self.design == "error-gfn":
-                err = K.error_add(err, gfn, self.hash_size)
-                if self._ev is not None:
-                    self._emit("kvm_add_error_gfn", vcpu=v, gfn=hex(gfn))
-            elif self.design == "request":
-                if err == -1:
-                    err = gfn
-                    reqs |= K.REQ_MEMORY_FAULT
-                    if self._ev is not None:
-                        self._emit("kvm_make_request", vcpu=v, request="KVM_REQ_MEMORY_FAULT",
-                                   gfn=hex(gfn))
-                else:
-                    if self._ev is not None:
-                        self._emit("kvm_apf_error_not_recorded", vcpu=v, gfn=hex(gfn),
-                                   pending=hex(err))
-            else:
-                if self._ev is not None:
-                    self._emit("kvm_async_pf_error_discarded", vcpu=v, gfn=hex(gfn))
+        self.emit("kvm_arch_async_page_ready", vcpu=v, token=hex(token), gpa=hex(gpa),
+                  prefetch="mapped" if not failed else "-EFAULT")
+        s = self.d.kvm_arch_async_page_ready(self, s, v, work, failed)
         # kvm_arch_async_page_present()
-        if self._ev is not None:
-            self._emit("kvm_async_pf_ready", vcpu=v, token=hex(token), gpa=hex(gpa))
-        hsh = K.hash_del(vc[V_HASH], gfn, self.hash_size)
-        tasks = s[S_TASKS]
-        if injected and self.pv_apf:
+        self.emit("kvm_async_pf_ready", vcpu=v, token=hex(token), gpa=hex(gpa))
+        vc = s.vcpus[v]
+        tasks = s.tasks
+        if work.injected and self.pv_apf:
+            error = self.d.kvm_arch_async_page_present(self, s, v, work, failed)
             tasks, woke = G.wake_token(tasks, self.by_vcpu[v], token)
-            if self._ev is not None:
-                self._emit("guest_apf_page_ready", vcpu=v, task=woke, token=hex(token),
-                           error=failed and self.design == "apf-error-to-guest")
-            if woke >= 0:
-                if failed and self.design == "apf-error-to-guest":
-                    tk = tasks[woke]
-                    a = self.acc[woke][tk[T_PC]][tk[T_SUB]]
-                    # The page went bad while its async fault was in flight: the woken task
-                    # did touch a bad page (its access is the one that failed).
-                    tk = tk[:T_TOUCHED] + (1,) + tk[T_TOUCHED + 1:]
-                    tasks = (tasks[:woke] + (G.kill_sigbus(tk, abi.BUS_ADRERR, a[X_VADDR]),)
-                             + tasks[woke + 1:])
-                    if self._ev is not None:
-                        self._emit("guest_sigbus", vcpu=v, task=woke, code="BUS_ADRERR",
-                                   vaddr=hex(a[X_VADDR]))
-        mode = MODE_RUN if vc[V_MODE] == MODE_HALTED else vc[V_MODE]
-        nvc = (vc[V_CUR], mode, hsh, vc[V_QUEUE], vc[V_DONE][1:], reqs, err, vc[V_EXIT],
-               vc[V_MCEQ], vc[V_APFID])
-        s = s[:S_VCPUS] + (s[S_VCPUS][:v] + (nvc,) + s[S_VCPUS][v + 1:], tasks) + s[S_GUEST:]
-        return s
+            self.emit("guest_apf_page_ready", vcpu=v, task=woke, token=hex(token), error=error)
+            if woke >= 0 and error:
+                tk = tasks[woke]
+                a = self.acc[woke][tk.pc][tk.sub]
+                # The page went bad while its async fault was in flight: the woken task
+                # did touch a bad page (its access is the one that failed).
+                tasks = put(tasks, woke, G.kill_sigbus(tk._replace(touched=1), abi.BUS_ADRERR,
+                                                       a.vaddr))
+                self.emit("guest_sigbus", vcpu=v, task=woke, code="BUS_ADRERR",
+                          vaddr=hex(a.vaddr))
+        mode = MODE_RUN if vc.mode == MODE_HALTED else vc.mode
+        nvc = vc._replace(mode=mode, apf_hash=K.hash_del(vc.apf_hash, gfn, self.hash_size),
+                          apf_done=vc.apf_done[1:])
+        return State(s.files, s.mem, put(s.vcpus, v, nvc), tasks, s.guest, s.vmm, s.fired)
 
-    def _async_execute(self, s: State, v: int, item: tuple) -> State:
+    def _async_execute(self, s: State, v: int, item: ApfWork) -> State:
         """async_pf_execute(): get_user_pages_remote() (result discarded upstream), then
         queue the item as done and kick the vCPU (KVM_REQ_APF_READY)."""
-        token, gfn, injected = item
-        g = self.gpa_gidx[gfn << abi.PAGE_SHIFT]
-        fi, pg = self.gidx_page[g]
-        files = s[S_FILES]
-        res, nf = H.gup_blocking(files[fi], pg, self.holes_fail)
-        if nf is not files[fi]:
-            s = (files[:fi] + (nf,) + files[fi + 1:],) + s[1:]
+        token, gfn = item.token, item.gfn
+        fi, pg = self.gidx_page[self.gpa_gidx[gfn << abi.PAGE_SHIFT]]
+        res, nf = H.gup_blocking(s.files[fi], pg, self.holes_fail)
+        if nf is not s.files[fi]:
+            s = self.set_file(s, fi, nf)
         ok = res == H.GUP_OK
-        if self._ev is not None:
-            self._emit("kvm_async_pf_completed", vcpu=v, token=hex(token),
-                       gpa=hex(gfn << abi.PAGE_SHIFT),
-                       result="ok" if ok else
-                       ("-EHWPOISON" if res == H.GUP_HWPOISON else "-EFAULT"))
-        vc = s[S_VCPUS][v]
-        queue = tuple(x for x in vc[V_QUEUE] if x[0] != token)
-        done = vc[V_DONE] + ((token, gfn, injected, ok),)
-        nvc = (vc[V_CUR], vc[V_MODE], vc[V_HASH], queue, done,
-               vc[V_REQS] | K.REQ_APF_READY, vc[V_ERR], vc[V_EXIT], vc[V_MCEQ], vc[V_APFID])
-        return self._set_vcpu(s, v, nvc)
+        if self.sink is not None:
+            self.emit("kvm_async_pf_completed", vcpu=v, token=hex(token),
+                      gpa=hex(gfn << abi.PAGE_SHIFT),
+                      result="ok" if ok else
+                      ("-EHWPOISON" if res == H.GUP_HWPOISON else "-EFAULT"))
+        vc = s.vcpus[v]
+        nvc = Vcpu(vc.cur, vc.mode, vc.apf_hash,
+                   tuple(x for x in vc.apf_queue if x.token != token),
+                   vc.apf_done + (ApfDone(token, gfn, item.injected, ok),),  # noqa: RUF005
+                   vc.requests | K.REQ_APF_READY, vc.design, vc.exit, vc.mce_queue, vc.apf_id)
+        return self.set_vcpu(s, v, nvc)
 
     def _guest_mce(self, s: State, v: int) -> State:
         """The guest's #MC handler for an injected machine check (one per entry: never
         while MCG_STATUS.MCIP is set)."""
-        vc = s[S_VCPUS][v]
-        (gpa, ar), rest = vc[V_MCEQ][0], vc[V_MCEQ][1:]
-        s = self._set_vcpu(s, v, vc[:V_MCEQ] + (rest,) + vc[V_MCEQ + 1:])
+        vc = s.vcpus[v]
+        (gpa, ar), rest = vc.mce_queue[0], vc.mce_queue[1:]
+        s = self.set_vcpu(s, v, vc._replace(mce_queue=rest))
         page = gpa & ~(abi.PAGE_SIZE - 1)
         g = self.gpa_gidx.get(page, -1)
-        t = self._current_task(s, v)
+        t = self.current_task(s, v)
         status, addr, misc, mcg = P.mce_encoding(gpa, ar)
-        if self._ev is not None:
-            self._emit("guest_mce", vcpu=v, task=t, mcg_status=hex(mcg), status=hex(status),
-                       addr=hex(addr), misc=hex(misc), mce="SRAR" if ar else "SRAO")
+        self.emit("guest_mce", vcpu=v, task=t, mcg_status=hex(mcg), status=hex(status),
+                  addr=hex(addr), misc=hex(misc), mce="SRAR" if ar else "SRAO")
         if g < 0:
             return s
-        tasks = s[S_TASKS]
+        tasks = s.tasks
         spare = -1
         kread_eio = -1
         if ar:
             if t < 0:
                 reason = "guest panic: SRAR #MC with no user context (kernel/idle)"
-                if self._ev is not None:
-                    self._emit("guest_panic", vcpu=v, reason=reason)
-                vmm = s[S_VMM]
-                return s[:S_VMM] + ((reason,) + vmm[1:],) + s[S_VMM + 1:]
+                self.emit("guest_panic", vcpu=v, reason=reason)
+                return s._replace(vmm=s.vmm._replace(abort=reason))
             vaddr = next((va for tt, va in self.mappers[g] if tt == t), None)
             if vaddr is not None:
                 vaddr += gpa - page  # the guest's task_vaddr_of_gpa(): MCi_ADDR's offset
                 tk = tasks[t]
-                a = self.acc[t][tk[T_PC]]
-                if a and a[0][X_KIND] == A_KREAD:
+                a = self.acc[t][tk.pc]
+                if a and a[0].kind == A_KREAD:
                     # copy_mc-style fixup: the kernel read returns -EIO and the task exits,
                     # after memory_failure, which runs with no task to spare: an early-kill
                     # reader gets BUS_MCEERR_AO first (the guest's memory_failure(pfn, AR,
@@ -799,302 +715,273 @@ class System:
                     kread_eio = t
                     t_spare = -1
                 else:
-                    tasks = (tasks[:t] + (G.kill_sigbus(tk, abi.BUS_MCEERR_AR, vaddr),)
-                             + tasks[t + 1:])
-                    if self._ev is not None:
-                        self._emit("guest_sigbus", vcpu=v, task=t, code="BUS_MCEERR_AR",
-                                   vaddr=hex(vaddr))
+                    tasks = put(tasks, t, G.kill_sigbus(tk, abi.BUS_MCEERR_AR, vaddr))
+                    self.emit("guest_sigbus", vcpu=v, task=t, code="BUS_MCEERR_AR",
+                              vaddr=hex(vaddr))
                     t_spare = t
                 spare = t_spare
-        guest, tasks, killed = G.memory_failure(s[S_GUEST], tasks, g, self.mappers[g],
+        guest, tasks, killed = G.memory_failure(s.guest, tasks, g, self.mappers[g],
                                                 self.early_kill, spare)
-        if self._ev is not None:
-            self._emit("guest_memory_failure", vcpu=v, gpa=hex(page),
-                       flags="MF_ACTION_REQUIRED" if ar else "0")
+        self.emit("guest_memory_failure", vcpu=v, gpa=hex(page),
+                  flags="MF_ACTION_REQUIRED" if ar else "0")
         for kt, va in killed:
-            if self._ev is not None:
-                self._emit("guest_sigbus", vcpu=v, task=kt, code="BUS_MCEERR_AO", vaddr=hex(va))
-        if kread_eio >= 0 and tasks[kread_eio][T_STATUS] == TS_RUN:
-            tk = tasks[kread_eio]
-            tasks = (tasks[:kread_eio] + (G.exit_task(tk, abi.EXIT_CODE_KREAD_EIO),)
-                     + tasks[kread_eio + 1:])
-            if self._ev is not None:
-                self._emit("guest_kread_eio", vcpu=v, task=kread_eio, gpa=hex(gpa))
-                self._emit("task_exit", vcpu=v, task=kread_eio, code=abi.EXIT_CODE_KREAD_EIO)
-        return s[:S_TASKS] + (tasks, guest) + s[S_GUEST + 1:]
+            self.emit("guest_sigbus", vcpu=v, task=kt, code="BUS_MCEERR_AO", vaddr=hex(va))
+        if kread_eio >= 0 and tasks[kread_eio].status == TS_RUN:
+            tasks = put(tasks, kread_eio, G.exit_task(tasks[kread_eio],
+                                                      abi.EXIT_CODE_KREAD_EIO))
+            self.emit("guest_kread_eio", vcpu=v, task=kread_eio, gpa=hex(gpa))
+            self.emit("task_exit", vcpu=v, task=kread_eio, code=abi.EXIT_CODE_KREAD_EIO)
+        return s._replace(tasks=tasks, guest=guest)
 
     def _guest_notify(self, s: State, v: int) -> State:
         """The notification interrupt: drain the ring, offline every page it names."""
-        guest = s[S_GUEST]
-        tasks = s[S_TASKS]
-        ring = guest[G_RING]
-        guest = (guest[G_OFFLINED], ()) + guest[G_RING + 1:]
-        if self._ev is not None:
-            self._emit("guest_notify", vcpu=v, records=len(ring))
-        for first, n, cause, ar_task, _target in ring:
-            for g in range(first, first + n):
+        tasks = s.tasks
+        ring = s.guest.ring
+        guest = s.guest._replace(ring=())
+        self.emit("guest_notify", vcpu=v, records=len(ring))
+        for rec in ring:
+            for g in range(rec.first, rec.first + rec.npages):
                 guest, tasks, killed = G.memory_failure(guest, tasks, g, self.mappers[g],
-                                                        self.early_kill, ar_task)
-                if self._ev is not None:
-                    self._emit("guest_memory_failure", vcpu=v, gpa=hex(self.gidx_gpa(g)),
-                               flags="0", cause=cause)
+                                                        self.early_kill, rec.ar_task)
+                self.emit("guest_memory_failure", vcpu=v, gpa=hex(self.gidx_gpa(g)),
+                          flags="0", cause=rec.cause)
                 for kt, va in killed:
-                    if self._ev is not None:
-                        self._emit("guest_sigbus", vcpu=v, task=kt, code="BUS_MCEERR_AO",
-                                   vaddr=hex(va))
-        return s[:S_TASKS] + (tasks, guest) + s[S_GUEST + 1:]
+                    self.emit("guest_sigbus", vcpu=v, task=kt, code="BUS_MCEERR_AO",
+                              vaddr=hex(va))
+        return s._replace(tasks=tasks, guest=guest)
 
     # --- vCPU: a guest task step ---------------------------------------------------------
 
     def _step(self, s: State, v: int, pos: int, t: int) -> State:
-        vc = s[S_VCPUS][v]
-        if vc[V_CUR] != pos:  # the scheduler picked the next runnable task
-            s = self._set_vcpu(s, v, (pos,) + vc[1:])
-        tk = s[S_TASKS][t]
-        pc = tk[T_PC]
+        vc = s.vcpus[v]
+        if vc.cur != pos:  # the scheduler picked the next runnable task
+            s = self.set_vcpu(s, v, vc._replace(cur=pos))
+        tk = s.tasks[t]
+        pc = tk.pc
         ins = self.tasks[t].program[pc]
         op = ins.op
         accs = self.acc[t][pc]
+        sink = self.sink
         if accs:
-            a = accs[tk[T_SUB]]
+            a = accs[tk.sub]
             r, s = self._access(s, v, pos, t, a)
             if r != R_OK:
                 return s
-            tk = s[S_TASKS][t]
-            if a[X_KIND] in (A_READ, A_KREAD, A_EXEC):
+            tk = s.tasks[t]
+            if a.kind != A_WRITE:
                 value = self._value(s, a)
-                if self._ev is not None:
-                    self._emit("task_value", vcpu=v, task=t, vaddr=hex(a[X_VADDR]),
-                               value=hex(value),
-                               gpa=hex(a[X_ADDR]))
-                if a[X_EXPECT] is not None and value != a[X_EXPECT]:
-                    if self._ev is not None:
-                        self._emit("task_exit", vcpu=v, task=t, code=abi.EXIT_CODE_EXPECT_FAILED,
-                                   expected=hex(a[X_EXPECT]))
+                if sink is not None:
+                    self.emit("task_value", vcpu=v, task=t, vaddr=hex(a.vaddr),
+                              value=hex(value), gpa=hex(a.addr))
+                if a.expect is not None and value != a.expect:
+                    self.emit("task_exit", vcpu=v, task=t, code=abi.EXIT_CODE_EXPECT_FAILED,
+                              expected=hex(a.expect))
                     return self._finish_step(s, v, pos, t,
                                              G.exit_task(tk, abi.EXIT_CODE_EXPECT_FAILED))
-            sub = tk[T_SUB] + 1
+            sub = tk.sub + 1
             if sub < len(accs):
-                ntk = tk[:T_SUB] + (sub,) + tk[T_SUB + 1:T_FAILS] + (0, tk[T_RESULT])
-                return self._set_task(s, t, ntk)
-            ntk = (TS_RUN, pc + 1, 0, tk[T_CTRS], tk[T_STEPS], 0, tk[T_TOUCHED], 0, 0)
+                return self.set_task(s, t, Task(tk.status, tk.pc, sub, tk.loop_ctrs, tk.steps,
+                                                tk.token, tk.touched, 0, tk.result))
+            ntk = Task(TS_RUN, pc + 1, 0, tk.loop_ctrs, tk.steps, 0, tk.touched, 0, 0)
             return self._finish_step(s, v, pos, t, ntk)
         if op == abi.OP_EXIT:
-            if self._ev is not None:
-                self._emit("task_exit", vcpu=v, task=t, code=ins.arg)
+            self.emit("task_exit", vcpu=v, task=t, code=ins.arg)
             return self._finish_step(s, v, pos, t, G.exit_task(tk, ins.arg))
         if op == abi.OP_LOOP:
             li = self.loop_index[t][pc]
-            ctrs = tk[T_CTRS]
+            ctrs = tk.loop_ctrs
             if ctrs[li] < ins.imm:
-                ctrs = ctrs[:li] + (ctrs[li] + 1,) + ctrs[li + 1:]
+                ctrs = put(ctrs, li, ctrs[li] + 1)
                 npc = ins.arg
             else:
-                ctrs = ctrs[:li] + (0,) + ctrs[li + 1:]
+                ctrs = put(ctrs, li, 0)
                 npc = pc + 1
-            ntk = (TS_RUN, npc, 0, ctrs, tk[T_STEPS], 0, tk[T_TOUCHED], 0, 0)
+            ntk = Task(TS_RUN, npc, 0, ctrs, tk.steps, 0, tk.touched, 0, 0)
             return self._finish_step(s, v, pos, t, ntk)
         if op in (abi.OP_YIELD, abi.OP_SPIN):
-            ntk = (TS_RUN, pc + 1, 0, tk[T_CTRS], tk[T_STEPS], 0, tk[T_TOUCHED], 0, 0)
+            ntk = Task(TS_RUN, pc + 1, 0, tk.loop_ctrs, tk.steps, 0, tk.touched, 0, 0)
             return self._finish_step(s, v, pos, t, ntk)
         # OP_INVALID or unknown: the interpreter gives up.
-        if self._ev is not None:
-            self._emit("task_exit", vcpu=v, task=t, code=abi.EXIT_CODE_BAD_INSN)
+        self.emit("task_exit", vcpu=v, task=t, code=abi.EXIT_CODE_BAD_INSN)
         return self._finish_step(s, v, pos, t, G.exit_task(tk, abi.EXIT_CODE_BAD_INSN))
 
-    def _finish_step(self, s: State, v: int, pos: int, t: int, ntk: tuple) -> State:
+    def _finish_step(self, s: State, v: int, pos: int, t: int, ntk: Task) -> State:
         """A completed step: count it, fire host events it triggers, yield the vCPU."""
-        steps = ntk[T_STEPS] + 1
+        steps = ntk.steps + 1
         if steps <= self.step_cap:
-            ntk = ntk[:T_STEPS] + (steps,) + ntk[T_STEPS + 1:]
-        if self._ev is not None:
-            self._emit("task_step", vcpu=v, task=t, pc=s[S_TASKS][t][T_PC], steps=steps)
+            ntk = ntk._replace(steps=steps)
+        if self.sink is not None:
+            self.emit("task_step", vcpu=v, task=t, pc=s.tasks[t].pc, steps=steps)
         n = len(self.by_vcpu[v])
         evs = self.trig.get((t, steps)) if steps <= self.step_cap else None
         if not evs:
             # The common case, in one rebuild: the task and the vCPU's next position.
-            tasks = s[3]
-            vcpus = s[2]
-            vc = vcpus[v]
-            return (s[0], s[1], vcpus[:v] + (((pos + 1) % n,) + vc[1:],) + vcpus[v + 1:],
-                    tasks[:t] + (ntk,) + tasks[t + 1:], s[4], s[5], s[6])
-        s = self._set_task(s, t, ntk)
+            vcpus = s.vcpus
+            return State(s.files, s.mem, put(vcpus, v, vcpus[v]._replace(cur=(pos + 1) % n)),
+                         put(s.tasks, t, ntk), s.guest, s.vmm, s.fired)
+        s = self.set_task(s, t, ntk)
         for e in evs:
-            if not s[S_FIRED] >> e & 1:
+            if not s.fired >> e & 1:
                 s = self._fire(s, e, v)
-        vc = s[S_VCPUS][v]
-        return self._set_vcpu(s, v, ((pos + 1) % n,) + vc[1:])
+        return self.set_vcpu(s, v, s.vcpus[v]._replace(cur=(pos + 1) % n))
 
     def _yield_sleep(self, s: State, v: int, pos: int) -> State:
-        vc = s[S_VCPUS][v]
         n = len(self.by_vcpu[v])
-        return self._set_vcpu(s, v, ((pos + 1) % n,) + vc[1:])
+        return self.set_vcpu(s, v, s.vcpus[v]._replace(cur=(pos + 1) % n))
 
     def _fail(self, s: State, t: int) -> State:
-        tk = s[S_TASKS][t]
-        f = min(tk[T_FAILS] + 1, self.fail_cap)
-        if f == tk[T_FAILS] and tk[T_TOUCHED]:
+        """The task's access to a bad page failed once more (the first_access label)."""
+        tk = s.tasks[t]
+        f = min(tk.fails + 1, self.fail_cap)
+        if f == tk.fails and tk.touched:
             return s
-        return self._set_task(s, t, tk[:T_TOUCHED] + (1, f, tk[T_RESULT]))
+        return self.set_task(s, t, tk._replace(touched=1, fails=f))
 
-    def _access(self, s: State, v: int, pos: int, t: int, a: tuple) -> tuple[int, State]:
+    def _access(self, s: State, v: int, pos: int, t: int, a: Access) -> tuple[int, State]:
         """One guest access: the guest's page tables, then the EPT / KVM MMU fault path."""
-        kind = a[X_KIND]
-        g = a[X_GIDX]
+        kind = a.kind
+        g = a.gidx
         if g < 0:  # anonymous guest RAM: always backed
             if kind == A_WRITE:
-                s = s[:S_MEM] + (self._mem_set(s[S_MEM], a[X_ADDR], a[X_WVAL]),) + s[S_MEM + 1:]
+                s = s._replace(mem=self._mem_set(s.mem, a.addr, a.wvalue))
             return R_OK, s
-        if kind == A_WRITE and not a[X_WRITABLE]:
+        if kind == A_WRITE and not a.writable:
             # Guest PTE read-only: the guest's own #PF -> SIGSEGV.
-            tk = s[S_TASKS][t]
-            if self._ev is not None:
-                self._emit("guest_sigsegv", vcpu=v, task=t, vaddr=hex(a[X_VADDR]))
-            ntk = (TS_KILLED,) + tk[1:T_RESULT] + ("SIGSEGV SEGV_ACCERR",)
-            return R_DEAD, self._yield_sleep(self._set_task(s, t, ntk), v, pos)
-        if s[S_GUEST][G_OFFLINED] >> g & 1:
+            tk = s.tasks[t]
+            self.emit("guest_sigsegv", vcpu=v, task=t, vaddr=hex(a.vaddr))
+            ntk = tk._replace(status=TS_KILLED, result="SIGSEGV SEGV_ACCERR")
+            return R_DEAD, self._yield_sleep(self.set_task(s, t, ntk), v, pos)
+        if s.guest.offlined >> g & 1:
             # Poisoned guest PTE: #PF in the guest (VM_FAULT_HWPOISON), no exit.
-            tk = s[S_TASKS][t]
-            tk = tk[:T_TOUCHED] + (1,) + tk[T_TOUCHED + 1:]
+            tk = s.tasks[t]._replace(touched=1)
             if kind == A_KREAD:
                 ntk = G.exit_task(tk, abi.EXIT_CODE_KREAD_EIO)
-                if self._ev is not None:
-                    self._emit("guest_kread_eio", vcpu=v, task=t, vaddr=hex(a[X_VADDR]))
-                if self._ev is not None:
-                    self._emit("task_exit", vcpu=v, task=t, code=abi.EXIT_CODE_KREAD_EIO)
+                self.emit("guest_kread_eio", vcpu=v, task=t, vaddr=hex(a.vaddr))
+                self.emit("task_exit", vcpu=v, task=t, code=abi.EXIT_CODE_KREAD_EIO)
             else:
-                ntk = G.kill_sigbus(tk, abi.BUS_MCEERR_AR, a[X_VADDR])
-                if self._ev is not None:
-                    self._emit("guest_sigbus", vcpu=v, task=t, code="BUS_MCEERR_AR",
-                               vaddr=hex(a[X_VADDR]), why="poisoned PTE")
-            return R_DEAD, self._yield_sleep(self._set_task(s, t, ntk), v, pos)
-        fi = a[X_FILE]
-        pg = a[X_PAGE]
-        f = s[S_FILES][fi]
+                ntk = G.kill_sigbus(tk, abi.BUS_MCEERR_AR, a.vaddr)
+                self.emit("guest_sigbus", vcpu=v, task=t, code="BUS_MCEERR_AR",
+                          vaddr=hex(a.vaddr), why="poisoned PTE")
+            return R_DEAD, self._yield_sleep(self.set_task(s, t, ntk), v, pos)
+        return self._faultin(s, v, pos, t, a)
+
+    def _faultin(self, s: State, v: int, pos: int, t: int, a: Access) -> tuple[int, State]:
+        """The EPT violation on a window page: kvm_mmu_faultin_pfn() /
+        __kvm_mmu_faultin_pfn() (arch/x86/kvm/mmu/mmu.c): a FOLL_NOWAIT gup first; if the
+        page needs I/O and kvm_can_do_async_pf(), the async path (a repeated fault on a gfn
+        already in flight halts the vCPU: KVM_REQ_APF_HALT; else kvm_arch_setup_async_pf),
+        otherwise a blocking gup, whose error goes to kvm_handle_error_pfn()."""
+        fi = a.file
+        pg = a.page
+        f = s.files[fi]
         res = H.gup_nowait(f, pg)
         if res == H.GUP_OK:
             return self._complete(s, a, t)
         if res == H.GUP_HWPOISON:
             return R_EXIT, self._error_pfn(s, v, t, a, hwpoison=True)
         # NEEDS_IO: a cold page, or a page beyond EOF (indistinguishable here).
-        gfn = (a[X_ADDR] >> abi.PAGE_SHIFT)
-        vc = s[S_VCPUS][v]
-        user = a[X_USER]
+        gfn = a.addr >> abi.PAGE_SHIFT
+        user = a.user
+        # kvm_can_do_async_pf(): the guest may take an async PF here (kernel mode only
+        # with interrupts on, kvm_arch_interrupt_allowed()).
         can_async = self.apf_possible and (user or self.kernel_irqs_on)
-        if can_async and self.design == "error-gfn" and vc[V_ERR]:
-            found, err = K.error_find_and_remove(vc[V_ERR], gfn, self.hash_size)
-            if found:
-                if self._ev is not None:
-                    self._emit("kvm_find_and_remove_error_gfn", vcpu=v, task=t, gfn=hex(gfn))
-                vc = vc[:V_ERR] + (err,) + vc[V_ERR + 1:]
-                s = self._set_vcpu(s, v, vc)
-                can_async = False
         if can_async:
-            if self._ev is not None:
-                self._emit("kvm_try_async_get_page", vcpu=v, task=t, gpa=hex(a[X_ADDR]),
-                           gfn=hex(gfn))
-            if K.hash_find(vc[V_HASH], gfn, self.hash_size):
-                if self._ev is not None:
-                    self._emit("kvm_async_pf_repeated_fault", vcpu=v, task=t, gpa=hex(a[X_ADDR]))
-                s = self._set_vcpu(s, v, vc[:V_MODE] + (MODE_HALTED,) + vc[V_MODE + 1:])
-                if self._ev is not None:
-                    self._emit("kvm_apf_halt", vcpu=v)
+            can_async, s = self.d.kvm_mmu_faultin_pfn(self, s, v, t, gfn)
+        if can_async:
+            vc = s.vcpus[v]
+            if self.sink is not None:
+                self.emit("kvm_try_async_get_page", vcpu=v, task=t, gpa=hex(a.addr),
+                          gfn=hex(gfn))
+            if K.hash_find(vc.apf_hash, gfn, self.hash_size):
+                # kvm_find_async_pf_gfn(): already in flight -> KVM_REQ_APF_HALT
+                self.emit("kvm_async_pf_repeated_fault", vcpu=v, task=t, gpa=hex(a.addr))
+                s = self.set_vcpu(s, v, vc._replace(mode=MODE_HALTED))
+                self.emit("kvm_apf_halt", vcpu=v)
                 return (R_RETRY, self._fail(s, t) if H.cannot_back(f, pg, self.holes_fail)
                         else s)
-            if len(vc[V_QUEUE]) + len(vc[V_DONE]) < self.max_queued:
+            if len(vc.apf_queue) + len(vc.apf_done) < self.max_queued:
                 return self._setup_async(s, v, pos, t, a, gfn, user,
                                          H.cannot_back(f, pg, self.holes_fail))
         # Synchronous: gup without FOLL_NOWAIT.
         res, nf = H.gup_blocking(f, pg, self.holes_fail)
         if nf is not f:
-            files = s[S_FILES]
-            s = (files[:fi] + (nf,) + files[fi + 1:],) + s[1:]
+            s = self.set_file(s, fi, nf)
         if res == H.GUP_OK:
             return self._complete(s, a, t)
         return R_EXIT, self._error_pfn(s, v, t, a, hwpoison=res == H.GUP_HWPOISON)
 
-    def _complete(self, s: State, a: tuple, t: int) -> tuple[int, State]:
-        f = s[S_FILES][a[X_FILE]]
-        if H.cannot_supply(f, a[X_PAGE]):  # never by construction: the property's witness
-            guest = s[S_GUEST]
-            s = s[:S_GUEST] + (guest[:G_BADREAD] + (guest[G_BADREAD] + 1,),) + s[S_GUEST + 1:]
-        if a[X_KIND] == A_WRITE:
-            s = s[:S_MEM] + (self._mem_set(s[S_MEM], a[X_ADDR], a[X_WVAL]),) + s[S_MEM + 1:]
+    def _complete(self, s: State, a: Access, t: int) -> tuple[int, State]:
+        f = s.files[a.file]
+        if H.cannot_supply(f, a.page):  # never by construction: the property's witness
+            s = s._replace(guest=s.guest._replace(bad_reads=s.guest.bad_reads + 1))
+        if a.kind == A_WRITE:
+            s = s._replace(mem=self._mem_set(s.mem, a.addr, a.wvalue))
         return R_OK, s
 
-    def _setup_async(self, s: State, v: int, pos: int, t: int, a: tuple, gfn: int,
+    def _setup_async(self, s: State, v: int, pos: int, t: int, a: Access, gfn: int,
                      user: bool, bad: bool) -> tuple[int, State]:
         """kvm_arch_setup_async_pf() + kvm_arch_async_page_not_present()."""
-        vc = s[S_VCPUS][v]
-        apfid = vc[V_APFID]
+        vc = s.vcpus[v]
+        apfid = vc.apf_id
         if self.counter_tokens:
             token, apfid = K.alloc_apf_token(apfid, v)
         else:
-            in_use = {x[0] for x in vc[V_QUEUE]} | {x[0] for x in vc[V_DONE]}
+            in_use = {x.token for x in vc.apf_queue} | {x.token for x in vc.apf_done}
             token = K.lowest_free_token(in_use, v)
         deliver = self.pv_apf and user  # kvm_can_deliver_async_pf(): send_user_only
-        hsh = K.hash_add(vc[V_HASH], gfn, self.hash_size)
-        if self._ev is not None:
-            self._emit("kvm_async_pf_not_present", vcpu=v, task=t, token=hex(token),
-                       gpa=hex(a[X_ADDR]))
-        queue = vc[V_QUEUE] + ((token, gfn, deliver),)
+        hsh = K.hash_add(vc.apf_hash, gfn, self.hash_size)
+        if self.sink is not None:
+            self.emit("kvm_async_pf_not_present", vcpu=v, task=t, token=hex(token),
+                      gpa=hex(a.addr))
+        queue = vc.apf_queue + (ApfWork(token, gfn, deliver),)  # noqa: RUF005
         if deliver:
             # Synthetic #PF with CR2 = token: the guest sleeps the task on the token.
-            nvc = (vc[V_CUR], vc[V_MODE], hsh, queue, vc[V_DONE], vc[V_REQS], vc[V_ERR],
-                   vc[V_EXIT], vc[V_MCEQ], apfid)
-            s = self._set_vcpu(s, v, nvc)
-            tk = s[S_TASKS][t]
-            fails = min(tk[T_FAILS] + 1, self.fail_cap) if bad else tk[T_FAILS]
-            ntk = (TS_SLEEP, tk[T_PC], tk[T_SUB], tk[T_CTRS], tk[T_STEPS], token,
-                   tk[T_TOUCHED] | bad, fails, tk[T_RESULT])
-            s = self._set_task(s, t, ntk)
-            if self._ev is not None:
-                self._emit("guest_apf_sleep", vcpu=v, task=t, token=hex(token))
+            s = self.set_vcpu(s, v, Vcpu(vc.cur, vc.mode, hsh, queue, vc.apf_done,
+                                         vc.requests, vc.design, vc.exit, vc.mce_queue, apfid))
+            tk = s.tasks[t]
+            fails = min(tk.fails + 1, self.fail_cap) if bad else tk.fails
+            s = self.set_task(s, t, Task(TS_SLEEP, tk.pc, tk.sub, tk.loop_ctrs, tk.steps, token,
+                                         tk.touched | bad, fails, tk.result))
+            self.emit("guest_apf_sleep", vcpu=v, task=t, token=hex(token))
             return R_SLEEP, self._yield_sleep(s, v, pos)
-        nvc = (vc[V_CUR], MODE_HALTED, hsh, queue, vc[V_DONE], vc[V_REQS], vc[V_ERR],
-               vc[V_EXIT], vc[V_MCEQ], apfid)
-        if self._ev is not None:
-            self._emit("kvm_apf_halt", vcpu=v)
-        s = self._set_vcpu(s, v, nvc)
+        # No PV delivery: the vCPU halts until the page is ready (KVM_REQ_APF_HALT).
+        s = self.set_vcpu(s, v, Vcpu(vc.cur, MODE_HALTED, hsh, queue, vc.apf_done,
+                                     vc.requests, vc.design, vc.exit, vc.mce_queue, apfid))
+        self.emit("kvm_apf_halt", vcpu=v)
         return R_RETRY, self._fail(s, t) if bad else s
 
-    def _error_pfn(self, s: State, v: int, t: int, a: tuple, hwpoison: bool) -> State:
-        """kvm_handle_error_pfn(): HWPOISON -> SIGBUS to the vCPU thread; else -EFAULT
-        (annotated with KVM_EXIT_MEMORY_FAULT only in the memory-fault-exit design)."""
-        gpa = a[X_ADDR] & ~(abi.PAGE_SIZE - 1)
+    def _error_pfn(self, s: State, v: int, t: int, a: Access, hwpoison: bool) -> State:
+        """kvm_handle_error_pfn() (arch/x86/kvm/mmu/mmu.c): KVM_PFN_ERR_HWPOISON ->
+        kvm_send_hwpoison_signal() (SIGBUS BUS_MCEERR_AR to the vCPU thread); any other
+        error pfn -> the design's exit (Design.kvm_handle_error_pfn)."""
+        gpa = a.addr & ~(abi.PAGE_SIZE - 1)
         s = self._fail(s, t)
-        if hwpoison:
-            kind, reason = EXIT_HWPOISON, "SIGBUS BUS_MCEERR_AR"
-        elif self.design == "memory-fault-exit":
-            kind, reason = EXIT_MEMORY_FAULT, "KVM_EXIT_MEMORY_FAULT"
-        else:
-            kind, reason = EXIT_BARE_EFAULT, "-EFAULT"
-        if self._ev is not None:
-            self._emit("kvm_handle_error_pfn", vcpu=v, task=t, gpa=hex(a[X_ADDR]),
-                       pfn="KVM_PFN_ERR_HWPOISON" if hwpoison else "KVM_PFN_ERR_FAULT")
-        if self._ev is not None:
-            self._emit("kvm_exit", vcpu=v, task=t, reason=reason,
-                       gpa=hex(gpa) if kind != EXIT_BARE_EFAULT else None,
-                       size=abi.PAGE_SIZE if kind != EXIT_BARE_EFAULT else None,
-                       source=EXIT_SOURCES[kind])
-        vc = s[S_VCPUS][v]
+        kind = EXIT_HWPOISON if hwpoison else self.d.kvm_handle_error_pfn(self, s, v, t, gpa)
+        reason = {EXIT_HWPOISON: "SIGBUS BUS_MCEERR_AR", EXIT_MEMORY_FAULT:
+                  "KVM_EXIT_MEMORY_FAULT"}.get(kind, "-EFAULT")
+        if self.sink is not None:
+            self.emit("kvm_handle_error_pfn", vcpu=v, task=t, gpa=hex(a.addr),
+                      pfn="KVM_PFN_ERR_HWPOISON" if hwpoison else "KVM_PFN_ERR_FAULT")
+            self.emit("kvm_exit", vcpu=v, task=t, reason=reason,
+                      gpa=hex(gpa) if kind != EXIT_BARE_EFAULT else None,
+                      size=abi.PAGE_SIZE if kind != EXIT_BARE_EFAULT else None,
+                      source=EXIT_SOURCES[kind])
         # What the VMM will learn: the exact address if it decodes the instruction (every
         # in-context exit, the bare -EFAULT included; without decoding it scans the windows).
-        exit_gpa = a[X_ADDR] if self.exact_gpa else gpa
-        nvc = (vc[V_CUR], MODE_EXIT) + vc[V_MODE + 1:V_EXIT] + (
-            (kind, exit_gpa, t, 0 if a[X_USER] else 1),) + vc[V_EXIT + 1:]
-        s = self._set_vcpu(s, v, nvc)
-        return self._count_exit(s, gpa)
+        exit_gpa = a.addr if self.exact_gpa else gpa
+        return self.exit_to_userspace(s, v, Exit(kind, exit_gpa, t, 0 if a.user else 1), gpa)
 
     # --- VMM -----------------------------------------------------------------------------
 
     def _vmm_exit(self, s: State, v: int) -> State:
-        vc = s[S_VCPUS][v]
-        kind, true_gpa, t, _kern = vc[V_EXIT]
+        ex = s.vcpus[v].exit
+        assert ex  # enabled only in MODE_EXIT
+        kind, true_gpa, t = ex.kind, ex.gpa, ex.task
         source = EXIT_SOURCES[kind]
-        vmm = s[S_VMM]
-        handled = vmm[M_HANDLED]
-        files = s[S_FILES]
+        vmm = s.vmm
+        handled = vmm.handled
+        files = s.files
+        gpa: int | None
         if kind == EXIT_BARE_EFAULT and self.exact_gpa:
             # A bare -EFAULT comes from the vCPU's own synchronous fault, so it is still in
             # the faulting context: the real VMM decodes the instruction at RIP and
@@ -1125,29 +1012,26 @@ class System:
         spec = self.files[fi]
         f = files[fi]
         cause = H.cause_of(f, pg)
-        if self._ev is not None:
-            self._emit("vmm_resolve", vcpu=v, task=t, gpa=hex(gpa), hva=None, path=spec.path,
-                       offset=pg * abi.PAGE_SIZE + (gpa - page), file_size=f[F_SIZE], cause=cause,
-                       source=source)
+        self.emit("vmm_resolve", vcpu=v, task=t, gpa=hex(gpa), hva=None, path=spec.path,
+                  offset=pg * abi.PAGE_SIZE + (gpa - page), file_size=f.size, cause=cause,
+                  source=source)
         if handled >> g & 1:
-            reps = sparse_inc(vmm[M_REPEATS], g, self.max_repeats + 1)
+            reps = sparse_inc(vmm.repeats, g, self.max_repeats + 1)
             if sparse_get(reps, g) > self.max_repeats:
                 return self._abort(s, f"gpa {gpa:#x}: the same memory fault keeps coming back")
-            if self._ev is not None:
-                self._emit("vmm_repeated_fault", vcpu=v, gpa=hex(gpa), count=sparse_get(reps, g))
-            vmm = vmm[:M_REPEATS] + (reps,)
-            return self._resume(s[:S_VMM] + (vmm,) + s[S_VMM + 1:], v)
-        known = vmm[M_KNOWN][fi]
-        win = M.window(spec, f[F_SIZE], known[0], f[F_HOLES])
+            self.emit("vmm_repeated_fault", vcpu=v, gpa=hex(gpa), count=sparse_get(reps, g))
+            return self._resume(s._replace(vmm=vmm._replace(repeats=reps)), v)
+        known = vmm.known[fi]
+        win = M.window(spec, f.size, known[0], f.holes)
         d = P.decide(self.policy, gpa, cause, win, in_context=kind != EXIT_REQUEST)
         if isinstance(d, P.Abort):
             # The real VMM handles each vCPU's exit on that vCPU's thread: another vCPU
             # already out with a memory fault has its fault resolved (and logged) too
             # before the VM stops.
-            if self._ev is not None:
-                for ov, ovc in enumerate(s[S_VCPUS]):
-                    if ov != v and ovc[V_MODE] == MODE_EXIT and ovc[V_EXIT] \
-                            and ovc[V_EXIT][0] in (EXIT_MEMORY_FAULT, EXIT_HWPOISON):
+            if self.sink is not None:
+                for ov, ovc in enumerate(s.vcpus):
+                    if ov != v and ovc.mode == MODE_EXIT and ovc.exit \
+                            and ovc.exit.kind in (EXIT_MEMORY_FAULT, EXIT_HWPOISON):
                         self._log_resolve(s, ov)
             return self._abort(s, d.reason)
         if isinstance(d, P.InjectMce):
@@ -1155,82 +1039,74 @@ class System:
             # VMM knows it); SRAO: the page.
             mce_gpa = gpa if d.action_required else d.gpa
             status, _addr, misc, mcg = P.mce_encoding(mce_gpa, d.action_required)
-            if self._ev is not None:
-                self._emit("vmm_inject_mce", vcpu=v, gpa=hex(mce_gpa), bank=P.MCE_BANK,
-                           status=hex(status), mcg_status=hex(mcg), misc=hex(misc),
-                           mce="SRAR" if d.action_required else "SRAO")
-            vmm = vmm[:M_HANDLED] + (handled | (1 << g),) + vmm[M_HANDLED + 1:]
-            vc = s[S_VCPUS][v]
-            s = self._set_vcpu(s, v, vc[:V_MCEQ] + (vc[V_MCEQ] + ((mce_gpa, d.action_required),),)
-                               + vc[V_MCEQ + 1:])
-            return self._resume(s[:S_VMM] + (vmm,) + s[S_VMM + 1:], v)
+            self.emit("vmm_inject_mce", vcpu=v, gpa=hex(mce_gpa), bank=P.MCE_BANK,
+                      status=hex(status), mcg_status=hex(mcg), misc=hex(misc),
+                      mce="SRAR" if d.action_required else "SRAO")
+            vc = s.vcpus[v]
+            s = self.set_vcpu(s, v, vc._replace(
+                mce_queue=vc.mce_queue + ((mce_gpa, d.action_required),)))  # noqa: RUF005
+            return self._resume(s._replace(vmm=vmm._replace(handled=handled | (1 << g))), v)
         if isinstance(d, P.Notify):
             # The first record carries the action-required access (NOTIFY_F_AR) when the
             # vCPU is in the faulting context: the guest spares that task from the
             # early-kill AO and it meets the offlined page itself (AR; a kread fails with
             # -EIO, as the real guest's per-vCPU AR mailbox makes it do before the
-            # interrupt). Not for the request design's exit (whatever task runs).
+            # interrupt). Not for an exit outside the faulting context (whatever task runs).
             ar_task = t if kind != EXIT_REQUEST else -1
             s, vmm = self._notify(s, vmm, d, ar_task, v)
-            return self._resume(s[:S_VMM] + (vmm,) + s[S_VMM + 1:], v)
+            return self._resume(s._replace(vmm=vmm), v)
         return self._resume(s, v)
 
     def _log_resolve(self, s: State, v: int) -> None:
         """vmm_resolve for vCPU v's pending annotated exit (no state change)."""
-        kind, gpa, t, _kern = s[S_VCPUS][v][V_EXIT]
+        ex = s.vcpus[v].exit
+        assert ex
+        gpa = ex.gpa
         page = gpa & ~(abi.PAGE_SIZE - 1)
         g = self.gpa_gidx.get(page, -1)
         if g < 0:
             return
         fi, pg = self.gidx_page[g]
-        f = s[S_FILES][fi]
-        self._emit("vmm_resolve", vcpu=v, task=t, gpa=hex(gpa), hva=None,
-                   path=self.files[fi].path, offset=pg * abi.PAGE_SIZE + (gpa - page),
-                   file_size=f[F_SIZE], cause=H.cause_of(f, pg), source=EXIT_SOURCES[kind])
+        f = s.files[fi]
+        self.emit("vmm_resolve", vcpu=v, task=ex.task, gpa=hex(gpa), hva=None,
+                  path=self.files[fi].path, offset=pg * abi.PAGE_SIZE + (gpa - page),
+                  file_size=f.size, cause=H.cause_of(f, pg), source=EXIT_SOURCES[ex.kind])
 
-    def _notify(self, s: State, vmm: tuple, d: P.Notify, ar_task: int = -1,
-                target: int = 0) -> tuple[State, tuple]:
+    def _notify(self, s: State, vmm: Vmm, d: P.Notify, ar_task: int = -1,
+                target: int = 0) -> tuple[State, Vmm]:
         """Post ring records and raise the notification interrupt on vCPU `target`."""
-        handled = vmm[M_HANDLED]
-        ring = s[S_GUEST][G_RING]
+        handled = vmm.handled
+        ring = s.guest.ring
         for i, (first, n, cause) in enumerate(d.ranges):
             g0 = self.gpa_gidx[first]
-            ring += ((g0, n, cause, ar_task if i == 0 else -1, target),)
+            ring += (RingRecord(g0, n, cause, ar_task if i == 0 else -1, target),)
             for g in range(g0, g0 + n):
                 handled |= 1 << g
-            if self._ev is not None:
-                self._emit("vmm_notify", first_gpa=hex(first), npages=n, cause=cause)
-        guest = s[S_GUEST]
-        s = s[:S_GUEST] + ((guest[0], ring) + guest[2:],) + s[S_GUEST + 1:]
-        return s, vmm[:M_HANDLED] + (handled,) + vmm[M_HANDLED + 1:]
+            self.emit("vmm_notify", first_gpa=hex(first), npages=n, cause=cause)
+        s = s._replace(guest=s.guest._replace(ring=ring))
+        return s, vmm._replace(handled=handled)
 
     def _resume(self, s: State, v: int) -> State:
-        vc = s[S_VCPUS][v]
-        return self._set_vcpu(s, v, (vc[V_CUR], MODE_RUN) + vc[V_MODE + 1:V_EXIT] + ((),)
-                              + vc[V_EXIT + 1:])
+        return self.set_vcpu(s, v, s.vcpus[v]._replace(mode=MODE_RUN, exit=()))
 
     def _abort(self, s: State, reason: str) -> State:
-        if self._ev is not None:
-            self._emit("vmm_abort", reason=reason)
-        vmm = s[S_VMM]
-        return s[:S_VMM] + ((reason,) + vmm[1:],) + s[S_VMM + 1:]
+        self.emit("vmm_abort", reason=reason)
+        return s._replace(vmm=s.vmm._replace(abort=reason))
 
     def _vmm_file_change(self, s: State, fi: int, v: int = 0) -> State:
         """The proactive policy's file watcher saw a change of a mapped file; its
         notification interrupts vCPU `v` (the one whose step changed the file, when the
         runner waits for the watcher; else vCPU 0)."""
-        vmm = s[S_VMM]
-        f = s[S_FILES][fi]
+        vmm = s.vmm
+        f = s.files[fi]
         spec = self.files[fi]
-        old_size, old_holes = vmm[M_KNOWN][fi]
-        new_holes = f[F_HOLES] & ~old_holes
-        if self._ev is not None:
-            self._emit("vmm_file_change", file=spec.name, old_size=old_size, new_size=f[F_SIZE],
-                       holes=M.holes_ranges(new_holes))
-        d = P.on_file_change(spec.window_gpa, spec.window_bytes, old_size, f[F_SIZE],
+        old_size, old_holes = vmm.known[fi]
+        new_holes = f.holes & ~old_holes
+        self.emit("vmm_file_change", file=spec.name, old_size=old_size, new_size=f.size,
+                  holes=M.holes_ranges(new_holes))
+        d = P.on_file_change(spec.window_gpa, spec.window_bytes, old_size, f.size,
                              M.holes_ranges(new_holes))
-        known = vmm[M_KNOWN][:fi] + ((f[F_SIZE], f[F_HOLES]),) + vmm[M_KNOWN][fi + 1:]
-        vmm = vmm[:M_KNOWN] + (known,) + vmm[M_KNOWN + 1:]
+        vmm = vmm._replace(known=put(vmm.known, fi, (f.size, f.holes)))
         if d is not None:
             s, vmm = self._notify(s, vmm, d, -1, v)
-        return s[:S_VMM] + (vmm,) + s[S_VMM + 1:]
+        return s._replace(vmm=vmm)

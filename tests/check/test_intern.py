@@ -33,7 +33,8 @@ def _plain(system: System) -> Adapter:
     ad = Adapter(system)
     ad._codec = None
     ad.decode = _identity
-    ad.expand = ad._expand_model
+    ad.expand = ad._expand_plain
+    ad.bad = ad._bad_plain
     return ad
 
 

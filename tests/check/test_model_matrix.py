@@ -14,12 +14,14 @@ import pytest
 
 from faultline.check import cli as check_cli
 from faultline.check.matrix import check_matrix
-from faultline.check.properties import PROPERTIES, check_system
+from faultline.check.properties import check_system
 from faultline.check.replay import replay
 from faultline.model import System, simulate
+from faultline.model.properties import PROPERTIES as DECLARED
 from faultline.scenario import DESIGNS, POLICIES, load
 
 STANDARD = Path(__file__).resolve().parents[2] / "scenarios" / "check-standard.toml"
+PROPERTIES = [p.name for p in DECLARED]
 FIXED = ("error-gfn", "request")
 LOOPING = ("upstream", "memory-fault-exit")
 

@@ -1,4 +1,3 @@
-# ruff: noqa: RUF005  (states are built the way the model builds them)
 """Symmetry reduction (System(..., symmetry=True).canonical): interchangeable tasks of a
 vCPU, up to rotation. The reduced check must give the same verdicts with fewer states."""
 
@@ -13,7 +12,7 @@ from faultline import scenario
 from faultline.check.properties import check_system
 from faultline.check.replay import replay
 from faultline.model import System
-from faultline.model.state import G_RING, S_GUEST, S_TASKS, S_VCPUS, V_CUR, V_EXIT
+from faultline.model.state import State
 from faultline.scenario import DESIGNS
 
 STANDARD = Path(__file__).resolve().parents[2] / "scenarios" / "check-standard.toml"
@@ -48,23 +47,21 @@ def test_same_verdicts_fewer_states(design: str, policy: str) -> None:
         {n: p.holds for n, p in full.properties.items()}
 
 
-def _rotate(system: System, s: tuple, k: int) -> tuple:
+def _rotate(system: System, s: State, k: int) -> State:
     (v, ts), = system.sym_groups
     n = len(ts)
-    tasks = list(s[S_TASKS])
+    tasks = list(s.tasks)
     for p in range(n):
-        tasks[ts[(p + k) % n]] = s[S_TASKS][ts[p]]
+        tasks[ts[(p + k) % n]] = s.tasks[ts[p]]
     ren = {ts[p]: ts[(p + k) % n] for p in range(n)}
-    vcpus = list(s[S_VCPUS])
+    vcpus = list(s.vcpus)
     vc = vcpus[v]
-    ex = vc[V_EXIT]
+    ex = vc.exit
     if ex:
-        ex = ex[:2] + (ren.get(ex[2], ex[2]),) + ex[3:]
-    vcpus[v] = ((vc[V_CUR] + k) % n,) + vc[1:V_EXIT] + (ex,) + vc[V_EXIT + 1:]
-    guest = s[S_GUEST]
-    ring = tuple(r[:3] + (ren.get(r[3], r[3]),) + r[4:] for r in guest[G_RING])
-    guest = guest[:G_RING] + (ring,) + guest[G_RING + 1:]
-    return s[:S_VCPUS] + (tuple(vcpus), tuple(tasks), guest) + s[S_GUEST + 1:]
+        ex = ex._replace(task=ren.get(ex.task, ex.task))
+    vcpus[v] = vc._replace(cur=(vc.cur + k) % n, exit=ex)
+    ring = tuple(r._replace(ar_task=ren.get(r.ar_task, r.ar_task)) for r in s.guest.ring)
+    return s._replace(vcpus=tuple(vcpus), tasks=tuple(tasks), guest=s.guest._replace(ring=ring))
 
 
 def test_canonical_is_an_orbit_invariant_and_rotations_commute_with_steps() -> None:
