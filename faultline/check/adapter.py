@@ -52,7 +52,8 @@ class Adapter:
         if footprint is not None:
             self._codec = _Codec(self.model, footprint, self.safety)
             self.decode = self._codec.decode
-            self.expand = self._expand_interned
+            memo_ok = self.canonical is None and getattr(self.model, "sink", None) is None
+            self.expand = self._expand_interned if memo_ok else self._expand_decoded
         self.bad: Callable[[Any], int] = (self._codec.bad if self._codec is not None
                                           else self._bad_plain)
 
@@ -97,44 +98,95 @@ class Adapter:
         return out
 
     def _expand_interned(self, ks: Any) -> list[tuple[int, State]]:
-        """_expand_plain over interned keys. A vCPU-local action's effect depends only on
-        (action, args, the records of its footprint), so it is memoised on their ids: on
-        a hit (~96% of edges) the successor's key is spliced from the memo without
-        running the model or building a state. Other actions (and every action when the
-        model canonicalises or records events) run the model and encode the result."""
+        """_expand_plain over interned keys, memoised per vCPU. vCPU v's actions
+        (enabled_vcpu) and the effect of each vCPU-local one depend only on the records
+        of v's footprint, so they are memoised on those records' ids: on a hit (most
+        states) the successors' keys are spliced from the memo without decoding the state
+        or running the model. Other actions run the model on the decoded state. With a
+        symmetry reduction or an event sink the memo is bypassed (_expand_decoded)."""
+        codec = self._codec
+        assert codec is not None
+        reads = codec.reads
+        splice = codec.splice
+        vmemos = codec.vmemos
+        check = self.check_memo
+        s = None
+        out: list[tuple[int, State]] = []
+        append = out.append
+        for v, vmemo in enumerate(vmemos):
+            rk = reads[v](ks)
+            entry = vmemo.get(rk)
+            if entry is None or check:
+                if s is None:
+                    s = codec.decode(ks)
+                fresh = self._vcpu_entry(s, ks, v)
+                if entry is not None and fresh != entry:
+                    raise MemoContractError(
+                        f"vCPU {v}: enabled_vcpu or one of its local actions gave a different "
+                        "result for the same footprint: it reads state outside its declared "
+                        "memo footprint")
+                entry = vmemo[rk] = fresh
+            for cid, r, fn, args in entry:
+                if r is not None:
+                    append((cid, splice[v](ks, r)))
+                else:
+                    if s is None:
+                        s = codec.decode(ks)
+                    append((cid, codec.encode_from(fn(s, *args), s, ks)))
+        gk = codec.global_reads(ks)
+        gentry = codec.gmemo.get(gk)
+        if gentry is None or check:
+            if s is None:
+                s = codec.decode(ks)
+            fresh_g = [(self._cid(key), fn, args)
+                       for _n, key, fn, args in self.model.enabled_global(s, False)]  # type: ignore[attr-defined]
+            if gentry is not None and fresh_g != gentry:
+                raise MemoContractError("enabled_global reads state outside its declared "
+                                        "footprint")
+            gentry = codec.gmemo[gk] = fresh_g
+        for cid, fn, args in gentry:
+            if s is None:
+                s = codec.decode(ks)
+            append((cid, codec.encode_from(fn(s, *args), s, ks)))
+        return out
+
+    def _vcpu_entry(self, s: Any, ks: tuple, v: int) -> list[tuple[int, Any, Any, Any]]:
+        """vCPU v's memo entry: per enabled action (class id, effect ids) for a local
+        action (run now, writes checked), (class id, None, fn, args) for the others."""
+        codec = self._codec
+        assert codec is not None
+        local = codec.local
+        out: list[tuple[int, Any, Any, Any]] = []
+        for _n, key, fn, args in self.model.enabled_vcpu(s, v, False):  # type: ignore[attr-defined]
+            fname = fn.__name__
+            if fname in local:
+                if args[0] != v:
+                    raise MemoContractError(f"{fname}: a local action of vCPU {v} must take "
+                                            "v as its first argument")
+                r = codec.effect(v, ks, codec.encode_from(fn(s, *args), s, ks), fname)
+                out.append((self._cid(key), r, None, None))
+            else:
+                out.append((self._cid(key), None, fn, args))
+        return out
+
+    def _cid(self, key: Hashable) -> int:
+        cid = self.class_ids.get(key)
+        return self.intern(key) if cid is None else cid
+
+    def _expand_decoded(self, ks: Any) -> list[tuple[int, State]]:
+        """Interned keys without the memo: decode, run every action, encode (symmetry
+        reduction: canonical() applies to whole states; an event sink: every action must
+        run to emit its events)."""
         codec = self._codec
         assert codec is not None
         s = codec.decode(ks)
-        ids = self.class_ids
         canon = self.canonical
-        memo = codec.memo
-        local = (codec.local if canon is None and getattr(self.model, "sink", None) is None
-                 else ())
-        reads = codec.reads
-        splice = codec.splice
-        encode = codec.encode_from
-        check = self.check_memo
         out: list[tuple[int, State]] = []
-        append = out.append
         for _name, key, fn, args in self._enabled(s, False):
-            cid = ids.get(key)
-            if cid is None:
-                cid = self.intern(key)
-            fname = fn.__name__
-            if fname in local:
-                v = args[0]
-                mk = (fname, args, reads[v](ks))
-                r = memo.get(mk)
-                if r is None:
-                    r = memo[mk] = codec.effect(v, ks, encode(fn(s, *args), s, ks), fname)
-                elif check:
-                    codec.recheck(v, ks, encode(fn(s, *args), s, ks), fname, r)
-                append((cid, splice[v](ks, r)))
-            else:
-                t = fn(s, *args)
-                if canon is not None:
-                    t = canon(t)
-                append((cid, encode(t, s, ks)))
+            t = fn(s, *args)
+            if canon is not None:
+                t = canon(t)
+            out.append((self._cid(key), codec.encode_from(t, s, ks)))
         return out
 
     def named(self, s: State) -> list[tuple[str, State]]:  # s: a state, not a key
@@ -190,7 +242,10 @@ class _Codec:
         nv, nt = len(s0.vcpus), len(s0.tasks)
         self.nv, self.nt = nv, nt
         self.local = footprint.actions
-        self.memo: dict[tuple, tuple] = {}
+        # Per vCPU: footprint ids -> its memo entry (Adapter._vcpu_entry); the global
+        # actions' footprint ids -> their (class id, fn, args).
+        self.vmemos: list[dict[tuple, list]] = [{} for _ in range(nv)]
+        self.gmemo: dict[tuple, list] = {}
         b, c = 2 + nv, 2 + nv + nt  # first task position, guest position
         n = c + 3
         self._layout = {"files": [0], "mem": [1], "vcpus": list(range(2, b)),
@@ -201,7 +256,8 @@ class _Codec:
                             f"not {cls._fields}")
         tables: list[list[Any]] = [[] for _ in range(6)]
         LF, LM, LV, LT, LG, LX = tables
-        IF, IM, IV, IT, IG, IX = (self._interner(lst) for lst in tables)
+        interners = [self._interner(lst) for lst in tables]
+        IF, IM, IV, IT, IG, IX = interners
         new = tuple.__new__
         vget, tget = LV.__getitem__, LT.__getitem__
 
@@ -236,6 +292,8 @@ class _Codec:
         # Per vCPU: the key positions of the footprint, and the others; itemgetters (C)
         # pick them and splice them back (from ks + r).
         shared = [p for name in footprint.shared for p in self._layout[name]]
+        gpos = sorted(p for name in footprint.global_reads for p in self._layout[name])
+        self.global_reads: Callable[[tuple], Any] = itemgetter(*gpos)
         self.reads: list[Callable[[tuple], tuple]] = []
         self.splice: list[Callable[[tuple, tuple], tuple]] = []
         self._others: list[list[int]] = []
@@ -245,52 +303,48 @@ class _Codec:
             self.reads.append(itemgetter(*pos))
             pick = itemgetter(*[n + pos.index(p) if p in pos else p for p in range(n)])
             self.splice.append(_splicer(pick))
-        # Safety labels per interned record: bits cached per id, per table.
-        self._labels = self._record_labels(safety, tables)
+        # Safety labels per record: bits computed once per interned record (when it is
+        # interned), so a state's mask is a few list lookups (``bad``).
+        self.bad: Callable[[tuple], int] = self._label_bits(safety, interners, b, c)
         # A parent sharing nothing with any state: encode() interns every record.
         o = object()
         self._nothing = (o, o, (o,) * nv, (o,) * nt, o, o, 0)
         self._nokey = (0,) * n
 
-    def _record_labels(self, safety: list[Property], tables: list[list[Any]]
-                       ) -> list[tuple[list[int], list[Any], list[int], Callable[[Any], int]]]:
-        """Per record kind with labels: (key positions, intern table, cached bits, fn)."""
-        kinds = {"files": 0, "mem": 1, "vcpus": 2, "tasks": 3, "guest": 4, "vmm": 5}
-        by_kind: dict[str, list[tuple[int, Callable[[Any], bool]]]] = {}
+    @staticmethod
+    def _label_bits(safety: list[Property], interners: list[Any], b: int, c: int
+                    ) -> Callable[[tuple], int]:
+        """bad(key): the safety bitmask of a state, from bits per interned record."""
+        kinds = {"file": 0, "vcpu": 2, "task": 3, "guest": 4, "vmm": 5}
+        labels: dict[int, list[tuple[int, Callable[[Any], bool]]]] = {}
         for i, p in enumerate(safety):
-            kind = {"task": "tasks", "vcpu": "vcpus", "file": "files"}.get(p.record, p.record)
-            if kind not in kinds or p.label is None:
+            if p.record not in kinds or p.label is None:
                 raise ValueError(f"property {p.name}: label on {p.record!r}: the interned "
                                  f"explorer evaluates labels on one of {sorted(kinds)}")
-            by_kind.setdefault(kind, []).append((1 << i, p.label))
-        out: list[tuple[list[int], list[Any], list[int], Callable[[Any], int]]] = []
-        for kind, labels in by_kind.items():
-            def bits(x: Any, labels: list[tuple[int, Callable[[Any], bool]]] = labels) -> int:
-                return sum(bit for bit, f in labels if f(x))
-            out.append((self._layout[kind], tables[kinds[kind]], [], bits))
-        return out
+            labels.setdefault(kinds[p.record], []).append((1 << i, p.label))
+        bits: dict[int, list[int]] = {}
+        for kind, ls in labels.items():
+            def fn(x: Any, ls: list[tuple[int, Callable[[Any], bool]]] = ls) -> int:
+                return sum(bit for bit, f in ls if f(x))
+            bits[kind] = interners[kind].with_bits(fn)
+        # key positions per kind: files 0, vcpus [2, b), tasks [b, c), guest c, vmm c+1
+        single = [({0: 0, 4: c, 5: c + 1}[k], bits[k]) for k in bits if k in (0, 4, 5)]
+        multi = [({2: itemgetter(slice(2, b)), 3: itemgetter(slice(b, c))}[k], bits[k])
+                 for k in bits if k in (2, 3)]
 
-    def bad(self, k: tuple) -> int:
-        m = 0
-        for positions, table, cache, bits in self._labels:
-            for p in positions:
-                i = k[p]
-                while len(cache) <= i:
-                    cache.append(bits(table[len(cache)]))
-                m |= cache[i]
-        return m
+        def bad(k: tuple) -> int:
+            m = 0
+            for p, bl in single:
+                m |= bl[k[p]]
+            for get, bl in multi:
+                for i in get(k):
+                    m |= bl[i]
+            return m
+        return bad
 
     @staticmethod
-    def _interner(lst: list) -> Callable[[Any], int]:
-        d: dict[Any, int] = {}
-
-        def intern(x: Any) -> int:
-            i = d.get(x)
-            if i is None:
-                i = d[x] = len(lst)
-                lst.append(x)
-            return i
-        return intern
+    def _interner(lst: list) -> _Interner:
+        return _Interner(lst)
 
     def encode(self, s: Any) -> tuple:
         return self.encode_from(s, self._nothing, self._nokey)
@@ -305,20 +359,37 @@ class _Codec:
                     "memo footprint (the model's memo_footprint is wrong)")
         return self.reads[v](kt)
 
-    def recheck(self, v: int, ks: tuple, kt: tuple, fname: str, memoised: tuple) -> None:
-        """FAULTLINE_CHECK_MEMO: the model's own successor must be the memoised one; a
-        difference means the action read something outside its footprint."""
-        got = self.effect(v, ks, kt, fname)
-        if got != memoised:
-            raise MemoContractError(
-                f"{fname} of vCPU {v} gave a different successor than its memo entry for the "
-                "same footprint: it reads state outside its declared memo footprint")
-
     def _where(self, p: int) -> str:
         for name, positions in self._layout.items():
             if p in positions:
                 return f"{name}[{positions.index(p)}]" if len(positions) > 1 else name
         return f"key position {p}"
+
+
+class _Interner:
+    """Record -> id in ``table`` (appending new records); optionally a list of label
+    bits per id, computed when a record is first interned."""
+
+    def __init__(self, table: list) -> None:
+        self.table = table
+        self.ids: dict[Any, int] = {}
+        self.bits: list[int] | None = None
+        self.fn: Callable[[Any], int] | None = None
+
+    def with_bits(self, fn: Callable[[Any], int]) -> list[int]:
+        self.fn = fn
+        self.bits = [fn(x) for x in self.table]
+        return self.bits
+
+    def __call__(self, x: Any) -> int:
+        i = self.ids.get(x)
+        if i is None:
+            i = self.ids[x] = len(self.table)
+            self.table.append(x)
+            if self.bits is not None:
+                assert self.fn is not None
+                self.bits.append(self.fn(x))
+        return i
 
 
 def _splicer(pick: Callable[[tuple], tuple]) -> Callable[[tuple, tuple], tuple]:

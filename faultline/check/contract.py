@@ -47,12 +47,20 @@ class Property:
 
 
 class MemoFootprint(NamedTuple):
-    """Which actions may be memoised per vCPU, and on what: an action whose function is
-    named in ``actions`` and whose first argument is vCPU v reads and writes only vCPU
-    v, the tasks ``tasks[v]`` and the records named in ``shared``."""
+    """What the interned explorer may memoise, declared by a model whose state is a record
+    of records (faultline's State) and whose actions split per vCPU:
+    ``enabled_vcpu(s, v, names)`` (vCPU v's actions, in order) and
+    ``enabled_global(s, names)`` (the rest; ``enabled`` is their concatenation).
+
+    ``enabled_vcpu(s, v)`` and every action of it whose function is named in ``actions``
+    (first argument v) read and write only vCPU v, the tasks ``tasks[v]`` and the
+    records named in ``shared``; ``enabled_global`` reads only ``global_reads``. The
+    checker then memoises both on the ids of those records; a wrong declaration is
+    caught by FAULTLINE_CHECK_MEMO=1 (faultline.check.adapter)."""
     actions: frozenset[str]
     tasks: tuple[tuple[int, ...], ...]
     shared: tuple[str, ...]
+    global_reads: tuple[str, ...]
 
 
 @runtime_checkable

@@ -191,7 +191,8 @@ class System:
                                  for fi in range(len(scenario.files)))
         # The memo footprint of VCPU_LOCAL_ACTIONS (the checker's contract).
         self.memo_footprint = MemoFootprint(self.VCPU_LOCAL_ACTIONS, self.by_vcpu,
-                                            ("files", "mem", "guest", "vmm", "fired"))
+                                            ("files", "mem", "guest", "vmm", "fired"),
+                                            ("files", "vmm"))
 
         # Symmetry: the explorer canonicalises every state it meets if `canonical` is
         # not None (an instance attribute, so it is absent when there is nothing to gain).
@@ -348,60 +349,84 @@ class System:
     def enabled(self, s: State, names: bool = True
                 ) -> list[tuple[str | None, Hashable, Callable[..., State], tuple]]:
         """Every enabled action: (name, fairness class, fn, args); next state =
-        fn(s, *args). ``names=False``: name is None (cheaper; for exhaustive search)."""
+        fn(s, *args). ``names=False``: name is None (cheaper; for exhaustive search).
+        In this order: each vCPU's (enabled_vcpu), then the VMM's file watcher's
+        (enabled_global)."""
+        out: list[tuple[str | None, Hashable, Callable[..., State], tuple]] = []
+        if s.vmm.abort:
+            return out
+        for v in range(len(s.vcpus)):
+            out += self.enabled_vcpu(s, v, names)
+        if self.policy == "proactive":
+            out += self.enabled_global(s, names)
+        return out
+
+    def enabled_vcpu(self, s: State, v: int, names: bool = True
+                     ) -> list[tuple[str | None, Hashable, Callable[..., State], tuple]]:
+        """The actions of vCPU v: what it runs next (a VMM exit handling, a design's
+        request, a page-ready, an #MC, the notification interrupt or a task step), then
+        its async work items. Reads only vCPU v, its tasks, the guest and the vmm records
+        (the memo footprint: the checker memoises this per vCPU)."""
+        out: list[tuple[str | None, Hashable, Callable[..., State], tuple]] = []
+        if s.vmm.abort:
+            return out
+        vc = s.vcpus[v]
+        mode = vc.mode
+        if mode == MODE_EXIT:
+            out.append((f"vmm_handle_exit vcpu{v}" if names else None,
+                        self._vmm_exit_class[v], self._vmm_exit, (v,)))
+            return out
+        va = self._vcpu_actor[v]  # interned: its hash is computed once (the checker's class)
+        ring = s.guest.ring
+        if vc.requests & self.d.entry_requests:
+            out.append(((f"vcpu{v} {self.d.entry_action}" if names else None), va,
+                        self._request_exit, (v,)))
+        elif vc.apf_done:
+            out.append((f"vcpu{v} kvm_check_async_pf_completion "
+                        f"token={vc.apf_done[0].token:#x}" if names else None,
+                        va, self._apf_ready, (v,)))
+        elif vc.mce_queue:
+            out.append(((f"vcpu{v} guest #MC gpa={vc.mce_queue[0][0]:#x}" if names
+                         else None), va, self._guest_mce, (v,)))
+        elif ring and (not self.notify_one_vcpu or any(r.vcpu == v for r in ring)):
+            # The notification interrupt goes to one vCPU (the VMM's KVM_INTERRUPT);
+            # the others run on meanwhile, as on real KVM.
+            out.append(((f"vcpu{v} guest notify interrupt" if names else None), va,
+                        self._guest_notify, (v,)))
+        elif mode == MODE_RUN:
+            tasks = s.tasks
+            mine = self.by_vcpu[v]
+            n = len(mine)
+            cur = vc.cur
+            for i in range(n):
+                pos = (cur + i) % n
+                t = mine[pos]
+                tk = tasks[t]
+                if tk.status == TS_RUN:
+                    out.append((f"vcpu{v} {self.names[t]}: "
+                                f"{self.tasks[t].program[tk.pc].text}" if names else None,
+                                va, self._step, (v, pos, t)))
+                    break
+        for item in vc.apf_queue:
+            out.append((f"async_pf_execute vcpu{v} token={item.token:#x}" if names else None,
+                        (self._async_actor[v], item.token, item.gfn),
+                        self._async_execute, (v, item)))
+        return out
+
+    def enabled_global(self, s: State, names: bool = True
+                       ) -> list[tuple[str | None, Hashable, Callable[..., State], tuple]]:
+        """The proactive VMM's file watcher: one action per file it has not seen as it
+        is now. Reads only the files and the vmm records."""
         out: list[tuple[str | None, Hashable, Callable[..., State], tuple]] = []
         vmm = s.vmm
-        if vmm.abort:
+        if vmm.abort or self.policy != "proactive":
             return out
-        tasks = s.tasks
-        ring = s.guest.ring
-        entry_requests = self.d.entry_requests
-        for v, vc in enumerate(s.vcpus):
-            va = self._vcpu_actor[v]  # interned: its hash is computed once (the checker's class)
-            mode = vc.mode
-            if mode == MODE_EXIT:
-                out.append((f"vmm_handle_exit vcpu{v}", self._vmm_exit_class[v],
-                            self._vmm_exit, (v,)))
-                continue
-            if vc.requests & entry_requests:
-                out.append(((f"vcpu{v} {self.d.entry_action}" if names else None), va,
-                            self._request_exit, (v,)))
-            elif vc.apf_done:
-                out.append((f"vcpu{v} kvm_check_async_pf_completion "
-                            f"token={vc.apf_done[0].token:#x}" if names else None,
-                            va, self._apf_ready, (v,)))
-            elif vc.mce_queue:
-                out.append(((f"vcpu{v} guest #MC gpa={vc.mce_queue[0][0]:#x}" if names
-                             else None), va, self._guest_mce, (v,)))
-            elif ring and (not self.notify_one_vcpu or any(r.vcpu == v for r in ring)):
-                # The notification interrupt goes to one vCPU (the VMM's KVM_INTERRUPT);
-                # the others run on meanwhile, as on real KVM.
-                out.append(((f"vcpu{v} guest notify interrupt" if names else None), va,
-                            self._guest_notify, (v,)))
-            elif mode == MODE_RUN:
-                mine = self.by_vcpu[v]
-                n = len(mine)
-                cur = vc.cur
-                for i in range(n):
-                    pos = (cur + i) % n
-                    t = mine[pos]
-                    tk = tasks[t]
-                    if tk.status == TS_RUN:
-                        out.append((f"vcpu{v} {self.names[t]}: "
-                                    f"{self.tasks[t].program[tk.pc].text}" if names else None,
-                                    va, self._step, (v, pos, t)))
-                        break
-            for item in vc.apf_queue:
-                out.append((f"async_pf_execute vcpu{v} token={item.token:#x}" if names else None,
-                            (self._async_actor[v], item.token, item.gfn),
-                            self._async_execute, (v, item)))
-        if self.policy == "proactive":
-            files = s.files
-            for fi, known in enumerate(vmm.known):
-                f = files[fi]
-                if known[0] != f.size or known[1] != f.holes:
-                    out.append((f"vmm_file_change {self.files[fi].name}",
-                                self._file_class[fi], self._vmm_file_change, (fi,)))
+        files = s.files
+        for fi, known in enumerate(vmm.known):
+            f = files[fi]
+            if known[0] != f.size or known[1] != f.holes:
+                out.append((f"vmm_file_change {self.files[fi].name}" if names else None,
+                            self._file_class[fi], self._vmm_file_change, (fi,)))
         return out
 
     def actions(self, s: State) -> list[tuple[str, State]]:
