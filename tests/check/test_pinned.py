@@ -62,7 +62,7 @@ def simulate_pins() -> dict[str, Any]:
     from faultline.model import simulate
 
     out: dict[str, Any] = {}
-    for path in sorted(SCENARIOS.glob("*.toml")):
+    for path in sorted(SCENARIOS.rglob("*.toml")):
         sc = load(path)
         for d in DESIGNS:
             for p in POLICIES:
