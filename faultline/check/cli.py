@@ -76,14 +76,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from faultline.check.matrix import check_matrix, render
-    from faultline.check.properties import PROPERTIES, format_counterexample
+    from faultline.check.properties import format_counterexample
+    from faultline.model.properties import PROPERTIES as DECLARED
+
+    properties = [p.name for p in DECLARED]  # the model declares them
 
     paths = [Path(s) for s in [*args.scenarios, *(getattr(args, "more_scenarios", None) or [])]]
     paths = paths or [DEFAULT_SCENARIO]
-    unknown = [n for n in args.counterexample if n not in PROPERTIES]
+    unknown = [n for n in args.counterexample if n not in properties]
     if unknown:
         print(f"faultline: error: --counterexample: unknown property {unknown[0]!r} "
-              f"(one of: {', '.join(PROPERTIES)})", file=sys.stderr)
+              f"(one of: {', '.join(properties)})", file=sys.stderr)
         return 2
     try:
         for p in paths:
