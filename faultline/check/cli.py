@@ -94,9 +94,14 @@ def main(args: argparse.Namespace) -> int:
     except ScenarioError as e:
         print(f"faultline: error: {e}", file=sys.stderr)
         return 2
-    result = check_matrix([str(p) for p in paths], args.design, args.policy, args.workers,
-                          max_states=args.max_states, timeout_s=args.timeout,
-                          progress=not args.json and sys.stderr.isatty())
+    try:
+        result = check_matrix([str(p) for p in paths], args.design, args.policy,
+                              args.workers, max_states=args.max_states,
+                              timeout_s=args.timeout,
+                              progress=not args.json and sys.stderr.isatty())
+    except RuntimeError as e:  # a cell failed in its worker: a bug, said in one line
+        print(f"faultline: internal error: {e}", file=sys.stderr)
+        return 3
     if args.json:
         print(json.dumps(result, indent=1))
     else:

@@ -13,11 +13,13 @@ all cells' exploration time (not wall time), so it does not depend on ``workers`
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
 import time
 from collections.abc import Sequence
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +46,83 @@ def check_cell(scenario_path: str, design: str, policy: str, max_states: int = 5
     return cell
 
 
-def _worker_init() -> None:
-    """Workers leave interruption to the parent: Ctrl-C reaches the whole process group,
-    and the parent then ends them (SIGTERM, with the default action: no traceback)."""
+def _worker(conn: Connection) -> None:
+    """A worker process: cells in, results (or the error) out, until told to stop.
+    Interruption is the parent's: Ctrl-C reaches the whole process group, and the parent
+    then kills the workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        try:
+            conn.send(("ok", check_cell(*job)))
+        except Exception as e:  # the parent raises it: one line there, not a traceback here
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class _Workers:
+    """A fixed set of forked worker processes, each fed one cell at a time over a pipe.
+    (Not multiprocessing.Pool: a Ctrl-C that lands while Pool starts or terminates can
+    leave it hung with a live worker; these are simply killed.)"""
+
+    def __init__(self, n: int) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.procs: list[tuple[Any, Connection]] = []
+        self.conns: dict[Any, Connection] = {}  # as wait() hands them back
+        # Blocked across fork, so a worker never runs the parent's handlers: it unblocks
+        # once it ignores SIGINT. One that arrives meanwhile reaches the parent after.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for _ in range(n):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=_worker, args=(child,), daemon=True)
+                p.start()
+                child.close()
+                self.procs.append((p, parent))
+                self.conns[parent] = parent
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def run(self, jobs: list[tuple[Any, ...]], done: dict[int, dict[str, Any]],
+            on_done: Any) -> None:
+        """Fill ``done`` (job index -> cell) as cells finish: an interrupted run keeps what
+        was finished."""
+        busy: dict[Any, int] = {}  # connection -> job index
+        todo = list(enumerate(jobs))
+        idle = [conn for _, conn in self.procs]
+        while todo or busy:
+            while idle and todo:
+                i, job = todo.pop(0)
+                conn = idle.pop()
+                conn.send(job)
+                busy[conn] = i
+            for ready in wait(list(busy), timeout=0.5):
+                i = busy.pop(ready)
+                conn = self.conns[ready]
+                try:
+                    status, value = conn.recv()
+                except EOFError:
+                    raise RuntimeError(f"check: the worker for cell {jobs[i][1:]} died") \
+                        from None
+                if status != "ok":
+                    raise RuntimeError(f"check: cell {jobs[i][1:]}: {value}")
+                done[i] = value
+                idle.append(conn)
+                on_done()
+
+    def stop(self, *, kill: bool) -> None:
+        for p, conn in self.procs:
+            if kill:
+                p.kill()
+            else:
+                with contextlib.suppress(OSError):
+                    conn.send(None)
+        for p, conn in self.procs:
+            p.join()
+            conn.close()
 
 
 def check_matrix(scenario_paths: Sequence[str | Path], designs: Sequence[str] | None = None,
@@ -56,50 +130,43 @@ def check_matrix(scenario_paths: Sequence[str | Path], designs: Sequence[str] | 
                  max_states: int = 5_000_000, timeout_s: float | None = None,
                  progress: bool = False) -> dict[str, Any]:
     """Every cell, in parallel processes. Ctrl-C (KeyboardInterrupt) stops at once: the
-    workers are terminated and the result holds the cells finished so far, with
+    workers are killed and the result holds the cells finished so far, with
     ``"interrupted": true``."""
     designs = list(designs or MATRIX_DESIGNS)
     policies = list(policies or MATRIX_POLICIES)
-    jobs = [(str(p), d, pol) for p in scenario_paths for d in designs for pol in policies]
+    jobs = [(str(p), d, pol, max_states, timeout_s)
+            for p in scenario_paths for d in designs for pol in policies]
     workers = workers or os.cpu_count() or 1
     t0 = time.perf_counter()
     done: dict[int, dict[str, Any]] = {}
     interrupted = False
     bar: Any = None
-    pool = None
+    pool: _Workers | None = None
     try:
         if workers > 1 and len(jobs) > 1:  # forked before the progress bar's thread starts
-            pool = multiprocessing.get_context("fork").Pool(min(workers, len(jobs)),
-                                                            initializer=_worker_init)
+            pool = _Workers(min(workers, len(jobs)))
         if progress:
             from faultline.timeline import make_progress
 
             bar = make_progress()
             bar.start()
             task = bar.add_task("check", total=len(jobs))
+
+        def advance() -> None:
+            if bar is not None:
+                bar.advance(task)
+
         if pool is None:
-            for i, (p, d, pol) in enumerate(jobs):
-                done[i] = check_cell(p, d, pol, max_states, timeout_s)
-                if bar is not None:
-                    bar.advance(task)
+            for i, job in enumerate(jobs):
+                done[i] = check_cell(*job)
+                advance()
         else:
-            pending = {i: pool.apply_async(check_cell, (p, d, pol, max_states, timeout_s))
-                       for i, (p, d, pol) in enumerate(jobs)}
-            while pending:
-                for i in [i for i, r in pending.items() if r.ready()]:
-                    done[i] = pending.pop(i).get()
-                    if bar is not None:
-                        bar.advance(task)
-                if pending:
-                    # a short wait on one result: woken by it, or by Ctrl-C in the parent
-                    next(iter(pending.values())).wait(0.05)
-            pool.close()
+            pool.run(jobs, done, advance)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.stop(kill=interrupted)
         if bar is not None:
             bar.stop()
     cells = [done[i] for i in sorted(done)]
