@@ -27,9 +27,12 @@ def resolve_backend(backend: str) -> str:
 def run_scenario(scenario: Scenario, *, backend: str = "auto", design: str | None = None,
                  policy: str | None = None, events_path: str | Path | None = None,
                  log: EventLog | None = None, seed: int | None = None,
-                 **kw: Any) -> Outcome:
+                 monitor: Any = None, **kw: Any) -> Outcome:
     """Run `scenario` on `backend` ("kvm", "model", "qemu" or "auto") and return its
-    Outcome."""
+    Outcome. `monitor` (kvm only): a faultline.qmp.kvm.KvmMonitor, attached to the run's
+    control before the VM is built."""
+    if monitor is not None and backend != "kvm":
+        raise UsageError("a QMP monitor serves the kvm backend only (backend='kvm')")
     if backend == "qemu":
         if design not in (None, "host") or policy not in (None, "qemu"):
             raise UsageError("the qemu backend runs this host's KVM under QEMU: no --design, "
@@ -45,9 +48,12 @@ def run_scenario(scenario: Scenario, *, backend: str = "auto", design: str | Non
         if design not in (None, "host"):
             raise UsageError(f"--design {design} is for the model; the kvm backend runs "
                              "this host's KVM (design 'host')")
-        from faultline.vmm.runner import run_kvm
+        from faultline.vmm.runner import KvmRun
 
-        return run_kvm(scenario, policy, events_path=events_path, log=log, **kw)
+        run = KvmRun(scenario, policy, events_path=events_path, log=log, **kw)
+        if monitor is not None:  # a client may hold the VM's start (--qmp-wait)
+            monitor.attach(run.control, scenario)
+        return run.run()
     design = design or scenario.design
     if design not in DESIGNS:
         raise UsageError(f"unknown design {design!r} (one of: {', '.join(DESIGNS)})")

@@ -187,8 +187,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from faultline.backends import UsageError, run_scenario
     from faultline.model.simulate import ReplayError
     from faultline.qemu.run import QemuFailed
+    from faultline.qmp.server import QmpSetupError
     from faultline.vmm.runner import BackendError, Interrupted
 
+    monitor: Any = None  # the QMP monitor (--qmp), closed after the run whatever its end
+    interrupted = False
     try:
         backend = _pick_backend(args)
         sc = load(args.scenario)
@@ -208,6 +211,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                               if backend in ("kvm", "qemu") else {})
         if args.replay:
             kw["schedule"] = _load_replay(args.replay, sc.name, design, policy, args.property)
+        if args.qmp_wait and not args.qmp:
+            raise UsageError("--qmp-wait holds the VM for a QMP client: add --qmp PATH")
+        if args.qmp:
+            if backend != "kvm":
+                raise UsageError("--qmp serves the kvm backend's VMM: add --backend kvm")
+            from faultline.qmp.kvm import KvmMonitor
+
+            kw["monitor"] = monitor = KvmMonitor(args.qmp, wait=args.qmp_wait)  # binds
         if args.trace and _same_file(args.trace, args.scenario):
             raise OutputError("--trace names the scenario file itself")
         trace_fh = open_output(args.trace, "--trace", regular=True) if args.trace else None
@@ -227,7 +238,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             if trace_fh is not None:
                 _discard(trace_fh, args.trace)
             raise
-    except (ScenarioError, UsageError, OutputError) as e:
+    except (ScenarioError, UsageError, OutputError, QmpSetupError) as e:
+        if monitor is not None:
+            monitor.close()
         _err(str(e))
         return EXIT_USAGE
     log = EventLog(events_path, clock="us" if backend in ("kvm", "qemu") else "step",
@@ -257,6 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             _err("interrupted")
             return EXIT_INTERRUPTED
         except KeyboardInterrupt:
+            interrupted = True
             log.emit("error", error="interrupted")
             log.close()
             _write_trace(trace_fh, args.trace, log, sc)
@@ -264,6 +278,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
     finally:
         log.close()
+        if monitor is not None:  # after the log: its last events (SHUTDOWN) go out first
+            monitor.close(interrupted=interrupted)
         if log.write_error:  # the run went on; its log file is incomplete
             _warn(f"event log not fully written: {log.write_error}")
     outcome.events_path = str(events_path)
@@ -497,7 +513,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                             design=None if backend == "kvm" else "error-gfn", policy="mce",
                             json=False, events=args.events, seed=None, verbose=False,
                             watchdog=10.0, keep=False, replay=None, property=None,
-                            trace=None)
+                            trace=None, qmp=None, qmp_wait=False)
     print(f"faultline demo: scenarios/dax-truncate.toml on {backend}"
           + (" (design error-gfn: /dev/kvm is not usable here)" if backend == "model" else "")
           + ", policy mce\n")
@@ -544,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trace", metavar="FILE",
                    help="also write a Chrome/Perfetto trace of the run (JSON trace-event "
                         "format)")
+    r.add_argument("--qmp", metavar="PATH",
+                   help="kvm: serve QMP (QEMU's monitor protocol) on this Unix socket")
+    r.add_argument("--qmp-wait", action="store_true",
+                   help="kvm: hold the VM until a QMP client sends 'cont' (QEMU's -S)")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("conform", help="same scenarios on kvm and on the model: compare",

@@ -9,7 +9,10 @@ event: qapi/run-state.json).
   ``action`` fatal when the policy stopped the VM instead (QEMU's answer today).
 - ``FAULTLINE_FAULT`` per resolved fault: the resolution record (gpa, hva, path, offset,
   file-size, cause, source) and the decision taken (mce-srar, mce-srao, notify, abort,
-  ignore; null if the run ended before one).
+  ignore, in-flight: the page was already being dealt with; null if the run ended before
+  one).
+- ``FAULTLINE_HOST_EVENT`` per scenario host event applied (by its trigger or by
+  ``faultline-fire-event``): action, file, trigger, size-before, size-after.
 - ``SHUTDOWN`` when the run ends (``guest`` / ``reason`` as QEMU's ShutdownCause), then
   ``FAULTLINE_OUTCOME`` with the run's outcome (the object ``faultline run --json``
   prints).
@@ -25,9 +28,8 @@ from typing import Any
 
 # The event-log kinds the monitor listens to (the rest is never queued).
 KINDS = frozenset({"vmm_resolve", "vmm_queue_mce", "vmm_inject_mce", "vmm_notify",
-                   "vmm_ignore", "vm_abort", "vm_stop", "outcome"})
-# A decision event ends the fault resolved just before it on the same vCPU.
-_DECISIONS = frozenset({"vmm_queue_mce", "vmm_notify", "vmm_ignore", "vm_abort"})
+                   "vmm_ignore", "vmm_in_flight", "vm_abort", "host_event", "vm_stop",
+                   "outcome"})
 
 QmpEvent = tuple[str, dict[str, Any]]
 
@@ -105,6 +107,13 @@ class Translator:
         elif kind == "vmm_ignore":
             out += self._decide(vcpu, "ignore")
             out.append(("MEMORY_FAILURE", memory_failure("ignore", False)))
+        elif kind == "vmm_in_flight":
+            out += self._decide(vcpu, "in-flight")
+        elif kind == "host_event":
+            out.append(("FAULTLINE_HOST_EVENT", {
+                "action": ev.get("action"), "file": ev.get("file"),
+                "trigger": ev.get("trigger"), "size-before": ev.get("size_before"),
+                "size-after": ev.get("size_after")}))
         elif kind == "vm_abort":
             faults = self._decide(None, "abort")
             out += faults

@@ -80,11 +80,13 @@ def _command(name: str, **schema: tuple[str, bool]) -> Callable[[_Handler], _Han
 
 
 class QmpServer:
-    """Serve QMP on ``path`` for the run behind ``control``. :meth:`start` binds the
-    socket (mode 0600) and starts the thread; :meth:`close` delivers what is still queued
+    """Serve QMP on ``path`` for the run behind ``control``. :meth:`bind` creates the
+    socket (mode 0600; clients wait in its backlog), :meth:`start` binds it if need be and
+    starts serving (``control`` set by then); :meth:`close` delivers what is still queued
     (SHUTDOWN) and removes the socket. ``feed`` is the event log's subscriber."""
 
-    def __init__(self, path: str | Path, control: ctl.VmControl, *, max_clients: int = 8,
+    def __init__(self, path: str | Path, control: ctl.VmControl | None = None, *,
+                 max_clients: int = 8,
                  out_limit: int = 1 << 20, max_message: int = MAX_MESSAGE,
                  poll_s: float = 0.01) -> None:
         self.path = Path(path)
@@ -106,7 +108,13 @@ class QmpServer:
         self._flush_s = 2.0
 
     # --- life cycle -------------------------------------------------------------------------
-    def start(self) -> None:
+    @property
+    def vm(self) -> ctl.VmControl:
+        assert self.control is not None, "QmpServer started without a control"
+        return self.control
+
+    def bind(self) -> None:
+        """Create the listening socket (QmpSetupError with one line if it cannot be)."""
         path = str(self.path)
         if len(os.fsencode(path)) > SUN_PATH_MAX:
             raise QmpSetupError(f"--qmp {path}: longer than a Unix socket path can be "
@@ -135,6 +143,11 @@ class QmpServer:
         sock.setblocking(False)
         self._listener = sock
         self._sel.register(sock, selectors.EVENT_READ, None)
+
+    def start(self) -> None:
+        if self._listener is None:
+            self.bind()
+        assert self.control is not None, "QmpServer started without a control"
         self._thread = threading.Thread(target=self._loop, name="qmp", daemon=True)
         self._thread.start()
 
@@ -371,26 +384,26 @@ def _query_commands(srv: QmpServer, c: _Client, args: dict[str, Any]) -> Any:
 
 @_command("query-status")
 def _query_status(srv: QmpServer, c: _Client, args: dict[str, Any]) -> Any:
-    state = srv.control.run_state()
+    state = srv.vm.run_state()
     return {"running": state == ctl.RUNNING, "status": state}
 
 
 @_command("stop")
 def _stop(srv: QmpServer, c: _Client, args: dict[str, Any]) -> Any:
     # As QEMU's do_vm_stop(): only a running VM stops, and says so with STOP.
-    if srv.control.run_state() == ctl.RUNNING:
-        srv.control.pause()
+    if srv.vm.run_state() == ctl.RUNNING:
+        srv.vm.pause()
         srv.broadcast("STOP")
     return {}
 
 
 @_command("cont")
 def _cont(srv: QmpServer, c: _Client, args: dict[str, Any]) -> Any:
-    state = srv.control.run_state()
+    state = srv.vm.run_state()
     if state == ctl.SHUTDOWN:
         raise QmpError("Resetting the Virtual Machine is required")  # qmp_cont()
     if state in (ctl.PRELAUNCH, ctl.PAUSED):
-        srv.control.resume()
+        srv.vm.resume()
         srv.broadcast("RESUME")
     return {}
 
@@ -398,17 +411,17 @@ def _cont(srv: QmpServer, c: _Client, args: dict[str, Any]) -> Any:
 @_command("quit")
 def _quit(srv: QmpServer, c: _Client, args: dict[str, Any]) -> Any:
     srv.translator.quit_requested = True
-    srv.control.request_stop("quit (QMP)")
+    srv.vm.request_stop("quit (QMP)")
     return {}
 
 
 @_command("faultline-query-host-events")
 def _query_host_events(srv: QmpServer, c: _Client, args: dict[str, Any]) -> Any:
-    return srv.control.host_events()
+    return srv.vm.host_events()
 
 
 @_command("faultline-fire-event", index=("int", True))
 def _fire_event(srv: QmpServer, c: _Client, args: dict[str, Any]) -> Any:
-    if srv.control.run_state() == ctl.SHUTDOWN:
+    if srv.vm.run_state() == ctl.SHUTDOWN:
         raise QmpError("The run has ended")
-    return srv.control.fire_host_event(args["index"])
+    return srv.vm.fire_host_event(args["index"])
