@@ -97,11 +97,13 @@ class KvmMonitor:
         if self.wait:
             rc.pause()
 
-    def close(self) -> None:
-        """After the run: deliver what is queued (SHUTDOWN), hang up, remove the socket."""
+    def close(self, *, interrupted: bool = False) -> None:
+        """After the run: deliver what is queued (SHUTDOWN), hang up, remove the socket.
+        ``interrupted``: SIGINT/SIGTERM ended it (the SHUTDOWN reason if the run could
+        not log its end)."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
         if self.server is not None:
-            self.server.close()
+            self.server.close(interrupted=interrupted)
             self.server = None

@@ -131,6 +131,10 @@ class JsonStreamer:
                     out.append(Parsed(error=f"JSON parse error, stray '{chr(c)}'"))
                     self._reset(1)
                     continue
+                if c in b"}]":  # closes nothing
+                    out.append(Parsed(error="JSON parse error, expecting value"))
+                    self._reset(1)
+                    continue
                 m = _SCALAR_END.search(buf, 1)
                 if m is None:  # a scalar runs to the end of what came so far
                     if len(buf) > self.max_message:

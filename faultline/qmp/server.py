@@ -55,7 +55,9 @@ class _Client:
     streamer: JsonStreamer
     negotiated: bool = False
     out: bytearray = field(default_factory=bytearray)
-    hangup: bool = False  # reply sent last: close once it is flushed
+    hangup: bool = False  # its input is refused: close once the last reply is out
+    shut: bool = False  # our side shut down (the client sees EOF); its input is drained
+    drained: int = 0
     closed: bool = False
 
 
@@ -106,6 +108,8 @@ class QmpServer:
         self._thread: threading.Thread | None = None
         self._head_wait: float | None = None
         self._flush_s = 2.0
+        self._shutdown_sent = False
+        self._interrupted = False
 
     # --- life cycle -------------------------------------------------------------------------
     @property
@@ -157,10 +161,13 @@ class QmpServer:
         if ev.get("kind") in KINDS:
             self._inbox.append((time.time(), ev))
 
-    def close(self, flush_s: float = 2.0) -> None:
+    def close(self, flush_s: float = 2.0, *, interrupted: bool = False) -> None:
         """Deliver the events still queued (the run's SHUTDOWN) for up to ``flush_s``,
-        then hang up on every client and remove the socket. Idempotent."""
+        then hang up on every client and remove the socket. Idempotent. A run that ended
+        without its vm_stop (interrupted while the VM was being built, say) still gets
+        a SHUTDOWN: reason host-signal if ``interrupted``, else host-error."""
         self._flush_s = flush_s
+        self._interrupted = interrupted
         self._closing.set()
         if self._thread is not None:
             self._thread.join(flush_s + 5.0)
@@ -202,6 +209,10 @@ class QmpServer:
                         self._flush(c)
                 self._pump(final=False)
             self._pump(final=True)
+            if not self._shutdown_sent:
+                self.broadcast("SHUTDOWN", {
+                    "guest": False,
+                    "reason": "host-signal" if self._interrupted else "host-error"})
             self._drain(self._flush_s)
         finally:
             self._shutdown_sockets()
@@ -234,6 +245,11 @@ class QmpServer:
             self._drop(c)  # whatever it sent half of dies with it
             return
         if c.hangup:
+            # Discard what it still sends until it sees our EOF: closing with unread input
+            # would reset the connection and lose the error reply. Bounded.
+            c.drained += len(data)
+            if c.drained > 16 * self.max_message:
+                self._drop(c)
             return
         for item in c.streamer.feed(data):
             if item.error is not None:
@@ -300,9 +316,10 @@ class QmpServer:
             except OSError:
                 self._drop(c)
                 return
-        if c.hangup and not c.out:
-            self._drop(c)
-            return
+        if c.hangup and not c.out and not c.shut:
+            c.shut = True
+            with contextlib.suppress(OSError):
+                c.sock.shutdown(socket.SHUT_WR)
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
         with contextlib.suppress(KeyError, ValueError):
             if self._sel.get_key(c.sock).events != want:
@@ -342,6 +359,7 @@ class QmpServer:
             self._head_wait = None
             inbox.popleft()
             for name, data in self.translator.translate(ev):
+                self._shutdown_sent |= name == "SHUTDOWN"
                 self.broadcast(name, data, when)
 
 
