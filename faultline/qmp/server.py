@@ -120,30 +120,38 @@ class QmpServer:
     def bind(self) -> None:
         """Create the listening socket (QmpSetupError with one line if it cannot be)."""
         path = str(self.path)
-        if len(os.fsencode(path)) > SUN_PATH_MAX:
+        # Bound under a temporary name and renamed into place once listening: a client
+        # that sees the path can connect (no ECONNREFUSED between bind and listen).
+        tmp = f"{path}.{os.getpid()}~"
+        if len(os.fsencode(tmp)) > SUN_PATH_MAX:
             raise QmpSetupError(f"--qmp {path}: longer than a Unix socket path can be "
-                                f"({SUN_PATH_MAX} bytes)")
+                                f"(about {SUN_PATH_MAX - 8} bytes)")
         with contextlib.suppress(FileNotFoundError):
             st = os.lstat(path)
             if not stat.S_ISSOCK(st.st_mode):
                 raise QmpSetupError(f"--qmp {path}: exists and is not a socket")
             if _listening(path):
                 raise QmpSetupError(f"--qmp {path}: another server is listening there")
-            os.unlink(path)  # a stale socket left by a killed run
+            # else: a stale socket left by a killed run, replaced by the rename
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         # The socket file is created by bind() with the umask's mode: 0600 from the start,
         # never briefly open to others. (The umask is process-wide: this runs before the
         # vCPU threads exist.)
         old = os.umask(0o177)
         try:
-            sock.bind(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            sock.bind(tmp)
+            sock.listen(8)
+            os.rename(tmp, path)
         except OSError as e:
             sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise QmpSetupError(f"--qmp {path}: {e.strerror or e}") from None
         finally:
             os.umask(old)
         self._ino = os.stat(path).st_ino
-        sock.listen(8)
         sock.setblocking(False)
         self._listener = sock
         self._sel.register(sock, selectors.EVENT_READ, None)
