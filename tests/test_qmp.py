@@ -189,6 +189,8 @@ class FakeRun:
         return [{"index": 0, "action": "truncate", "file": "dax0", "trigger": "toucher:1"}]
 
     def fire_host_event(self, index: int) -> dict[str, Any]:
+        if index == 99:
+            raise RuntimeError("a bug")
         if index != 0:
             raise ctl.ControlError(f"the scenario has no host event {index} (it has 1)")
         self.calls.append("fire 0")
@@ -244,6 +246,7 @@ def _client_session(path: Path, run: FakeRun) -> list[Any]:
         out.append(await qmp.execute("stop"))  # already paused: no event
         out.append(await qmp.execute("faultline-fire-event", {"index": 0}))
         for cmd, args in [("faultline-fire-event", {"index": 5}), ("nope", None),
+                          ("faultline-fire-event", {"index": 99}),
                           ("faultline-fire-event", {"index": "0"})]:
             try:
                 await qmp.execute(cmd, args)
@@ -266,6 +269,7 @@ def test_qemu_client_drives_the_fake_run(served: tuple[QmpServer, FakeRun]) -> N
         {"action": "truncate", "size-before": 16384, "size-after": 8192},
         ("GenericError", "the scenario has no host event 5 (it has 1)"),
         ("CommandNotFound", "The command nope has not been found"),
+        ("GenericError", "internal error: RuntimeError: a bug"),
         ("GenericError", "Invalid parameter type for 'index', expected: integer"),
         {}]
     assert run.calls == ["resume", "pause", "fire 0", "stop quit (QMP)"]

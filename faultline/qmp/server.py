@@ -292,6 +292,9 @@ class QmpServer:
             return error_reply(e, has_id, rid)
         except ctl.ControlError as e:
             return error_reply(QmpError(str(e)), has_id, rid)
+        except Exception as e:  # a bug behind a command must not take the monitor down
+            return error_reply(QmpError(f"internal error: {type(e).__name__}: {e}"),
+                               has_id, rid)
 
     # --- output ---------------------------------------------------------------------------------
     def _send(self, c: _Client, msg: dict[str, Any]) -> None:
