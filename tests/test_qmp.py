@@ -5,7 +5,6 @@ never sends), and the event translation. Real runs: tests/test_qmp_kvm.py."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import stat
@@ -28,6 +27,7 @@ from faultline.qmp.protocol import (
     event,
 )
 from faultline.qmp.server import QmpServer, QmpSetupError
+from tests.qmp.raw import Raw
 
 # --- the wire format ------------------------------------------------------------------------
 
@@ -206,29 +206,6 @@ def served(tmp_path: Path) -> Iterator[tuple[QmpServer, FakeRun]]:
         yield srv, run
     finally:
         srv.close()
-
-
-class Raw:
-    """A hand-driven client: bytes out, lines in."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(str(path))
-        self.file = self.sock.makefile("rb")
-
-    def recv(self) -> dict[str, Any]:
-        line = self.file.readline()
-        assert line.endswith(b"\r\n"), line
-        return dict(json.loads(line))
-
-    def cmd(self, raw: bytes) -> dict[str, Any]:
-        self.sock.sendall(raw)
-        return self.recv()
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 def _client_session(path: Path, run: FakeRun) -> list[Any]:

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 from tests.conftest import ROOT, SCENARIOS
+from tests.qmp.raw import Raw
 
 DAX = SCENARIOS / "dax-truncate.toml"
 SPIN = Path(__file__).resolve().parent / "qmp" / "spin.toml"
@@ -227,48 +227,28 @@ def test_fire_stop_cont_quit_mid_run(sockdir: Path) -> None:
     assert not run.sock.exists()
 
 
-class Raw:
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(str(path))
-        self.file = self.sock.makefile("rb")
-        assert "QMP" in self.recv()
-
-    def recv(self) -> dict[str, Any]:
-        return dict(json.loads(self.file.readline()))
-
-    def cmd(self, raw: bytes) -> dict[str, Any]:
-        self.sock.sendall(raw)
-        return self.recv()
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
 @pytest.mark.kvm
 def test_bad_clients_change_nothing(sockdir: Path) -> None:
     base_outcome, base_kinds = _baseline(sockdir, DAX)
     run = Run(sockdir, DAX, "--qmp-wait")
     try:
-        malformed = Raw(run.sock)
+        malformed = Raw(run.sock, greeted=True)
         assert malformed.cmd(b'{"execute": "qmp_capabilities"}}') == {"return": {}}
         assert malformed.recv() == {"error": {"class": "GenericError",
                                               "desc": "JSON parse error, expecting value"}}
         malformed.sock.sendall(b'{"execute": "stop"')  # unfinished, then gone
         malformed.close()
-        big = Raw(run.sock)
+        big = Raw(run.sock, greeted=True)
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             big.sock.sendall(b'{"execute": "' + b"x" * (2 << 20) + b'"}')  # cut off
         assert big.recv() == {"error": {"class": "GenericError",
                                         "desc": "JSON token size limit exceeded"}}
         assert big.file.readline() == b""  # hung up on
         big.close()
-        half = Raw(run.sock)
+        half = Raw(run.sock, greeted=True)
         half.sock.sendall(b'{"execute": "qmp_capabilities"}{"execute": "qu')
         half.close()  # gone mid-command
-        deaf = Raw(run.sock)
+        deaf = Raw(run.sock, greeted=True)
         assert deaf.cmd(b'{"execute": "qmp_capabilities"}') == {"return": {}}
         # ... and never reads again
 
