@@ -354,6 +354,7 @@ def test_socket_mode_and_removal(tmp_path: Path) -> None:
 
 
 def test_socket_path_problems(tmp_path: Path) -> None:
+    fds = len(os.listdir("/proc/self/fd"))
     regular = tmp_path / "file"
     regular.write_text("keep me")
     with pytest.raises(QmpSetupError, match="exists and is not a socket"):
@@ -371,3 +372,4 @@ def test_socket_path_problems(tmp_path: Path) -> None:
         c = Raw(srv.path)
         assert "QMP" in c.recv()
         c.close()
+    assert len(os.listdir("/proc/self/fd")) == fds  # refused or closed, nothing left open

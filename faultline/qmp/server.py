@@ -100,7 +100,7 @@ class QmpServer:
         self.translator = Translator()
         self.disconnected = 0  # clients dropped for a full queue or an oversized message
         self._inbox: collections.deque[tuple[float, dict[str, Any]]] = collections.deque()
-        self._sel = selectors.DefaultSelector()
+        self._sel: selectors.BaseSelector | None = None  # from bind() to close()
         self._listener: socket.socket | None = None
         self._ino: int | None = None
         self._clients: list[_Client] = []
@@ -154,6 +154,7 @@ class QmpServer:
         self._ino = os.stat(path).st_ino
         sock.setblocking(False)
         self._listener = sock
+        self._sel = selectors.DefaultSelector()
         self._sel.register(sock, selectors.EVENT_READ, None)
 
     def start(self) -> None:
@@ -192,9 +193,10 @@ class QmpServer:
     def _shutdown_sockets(self) -> None:
         for c in list(self._clients):
             self._drop(c)
+        if self._sel is not None:
+            self._sel.close()
+            self._sel = None
         if self._listener is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(self._listener)
             self._listener.close()
             self._listener = None
             # Only our own socket: the path may have been replaced meanwhile.
@@ -204,9 +206,11 @@ class QmpServer:
 
     # --- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
+        sel = self._sel
+        assert sel is not None
         try:
             while not self._closing.is_set():
-                for key, mask in self._sel.select(self.poll_s):
+                for key, mask in sel.select(self.poll_s):
                     if key.data is None:
                         self._accept()
                         continue
@@ -239,6 +243,7 @@ class QmpServer:
         sock.setblocking(False)
         c = _Client(sock, JsonStreamer(self.max_message))
         self._clients.append(c)
+        assert self._sel is not None
         self._sel.register(sock, selectors.EVENT_READ, c)
         self._send(c, greeting(_version()))
 
@@ -332,16 +337,20 @@ class QmpServer:
             with contextlib.suppress(OSError):
                 c.sock.shutdown(socket.SHUT_WR)
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
+        sel = self._sel
+        if sel is None:
+            return
         with contextlib.suppress(KeyError, ValueError):
-            if self._sel.get_key(c.sock).events != want:
-                self._sel.modify(c.sock, want, c)
+            if sel.get_key(c.sock).events != want:
+                sel.modify(c.sock, want, c)
 
     def _drop(self, c: _Client) -> None:
         if c.closed:
             return
         c.closed = True
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(c.sock)
+        if self._sel is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(c.sock)
         c.sock.close()
         with contextlib.suppress(ValueError):
             self._clients.remove(c)
@@ -349,8 +358,10 @@ class QmpServer:
     def _drain(self, flush_s: float) -> None:
         """At the end: write what is queued while clients read it, up to ``flush_s``."""
         deadline = time.monotonic() + flush_s
+        sel = self._sel
+        assert sel is not None
         while any(c.out for c in self._clients) and time.monotonic() < deadline:
-            for key, mask in self._sel.select(0.05):
+            for key, mask in sel.select(0.05):
                 if key.data is not None and mask & selectors.EVENT_WRITE:
                     self._flush(key.data)
 
