@@ -150,6 +150,8 @@ def test_translate_abort_notify_srao_and_causes() -> None:
         _fault("notify"), _mf("inject", True), _mf("inject", False)]
     assert _translate([{"kind": "vmm_inject_mce", "vcpu": 1, "mce": "SRAO"}]) == [
         _mf("inject", False)]
+    assert _translate([_RESOLVE, {"kind": "vmm_notify", "vcpu": 0, "cause": "read-only",
+                                  "ar_gpa": "0x100002000"}]) == [_fault("refuse-write")]
     assert _translate([_RESOLVE, {"kind": "vm_stop", "vm": "aborted",
                                   "reason": "interrupted"}]) == [
         _fault(None), ("SHUTDOWN", {"guest": False, "reason": "host-signal"})]

@@ -9,8 +9,8 @@ event: qapi/run-state.json).
   ``action`` fatal when the policy stopped the VM instead (QEMU's answer today).
 - ``FAULTLINE_FAULT`` per resolved fault: the resolution record (gpa, hva, path, offset,
   file-size, cause, source) and the decision taken (mce-srar, mce-srao, notify, abort,
-  ignore, in-flight: the page was already being dealt with; null if the run ended before
-  one).
+  ignore, refuse-write: a store to a read-only window, which is no memory failure,
+  in-flight: the page was already being dealt with; null if the run ended before one).
 - ``FAULTLINE_HOST_EVENT`` per scenario host event applied (by its trigger or by
   ``faultline-fire-event``): action, file, trigger, size-before, size-after.
 - ``SHUTDOWN`` when the run ends (``guest`` / ``reason`` as QEMU's ShutdownCause), then
@@ -100,6 +100,10 @@ class Translator:
             out += self._decide(vcpu, "mce-srar" if ev.get("ar") else "mce-srao")
         elif kind == "vmm_inject_mce":
             out.append(("MEMORY_FAILURE", memory_failure("inject", ev.get("mce") == "SRAR")))
+        elif kind == "vmm_notify" and ev.get("cause") == "read-only":
+            # a store refused by a read-only memslot: the writer gets SIGSEGV, nothing
+            # failed (no MEMORY_FAILURE)
+            out += self._decide(vcpu, "refuse-write")
         elif kind == "vmm_notify":
             out += self._decide(vcpu, "notify")
             out.append(("MEMORY_FAILURE",
