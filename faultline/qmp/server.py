@@ -399,6 +399,7 @@ def _listening(path: str) -> bool:
 # --- commands (QEMU's names and answers: qapi/control.json, qapi/misc.json, run-state) -------
 @_command("qmp_capabilities", enable=("list", False))
 def _qmp_capabilities(srv: QmpServer, c: _Client, args: dict[str, Any]) -> Any:
+    # QEMU's qmp_qmp_capabilities() and qmp_caps_check() (monitor/qmp-cmds-control.c)
     if c.negotiated:
         raise QmpError("Capabilities negotiation is already complete, command ignored",
                        COMMAND_NOT_FOUND)
@@ -430,7 +431,8 @@ def _query_status(srv: QmpServer, c: _Client, args: dict[str, Any]) -> Any:
 
 @_command("stop")
 def _stop(srv: QmpServer, c: _Client, args: dict[str, Any]) -> Any:
-    # As QEMU's do_vm_stop(): only a running VM stops, and says so with STOP.
+    # As QEMU's do_vm_stop() (system/cpus.c): only a running VM stops, and says so with
+    # STOP before the command returns.
     if srv.vm.run_state() == ctl.RUNNING:
         srv.vm.pause()
         srv.broadcast("STOP")
@@ -442,7 +444,7 @@ def _cont(srv: QmpServer, c: _Client, args: dict[str, Any]) -> Any:
     state = srv.vm.run_state()
     if state == ctl.SHUTDOWN:
         raise QmpError("Resetting the Virtual Machine is required")  # qmp_cont()
-    if state in (ctl.PRELAUNCH, ctl.PAUSED):
+    if state in (ctl.PRELAUNCH, ctl.PAUSED):  # vm_start(): RESUME only if it was not running
         srv.vm.resume()
         srv.broadcast("RESUME")
     return {}
