@@ -375,3 +375,19 @@ def test_socket_path_problems(tmp_path: Path) -> None:
         assert "QMP" in c.recv()
         c.close()
     assert len(os.listdir("/proc/self/fd")) == fds  # refused or closed, nothing left open
+
+
+def test_clients_beyond_the_bound_are_turned_away(tmp_path: Path) -> None:
+    with QmpServer(tmp_path / "q.sock", FakeRun(), max_clients=2) as srv:
+        a, b = Raw(srv.path), Raw(srv.path)
+        assert "QMP" in a.recv() and "QMP" in b.recv()
+        c = Raw(srv.path)
+        assert c.file.readline() == b""  # closed at once, no greeting
+        c.close()
+        a.close()  # a place frees up
+        _wait(lambda: srv.client_count == 1, "the server saw the hang-up")
+        d = Raw(srv.path)
+        assert "QMP" in d.recv()
+        for x in (b, d):
+            x.close()
+

@@ -113,6 +113,10 @@ class QmpServer:
 
     # --- life cycle -------------------------------------------------------------------------
     @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    @property
     def vm(self) -> ctl.VmControl:
         assert self.control is not None, "QmpServer started without a control"
         return self.control
