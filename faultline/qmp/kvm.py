@@ -31,23 +31,22 @@ class KvmControl:
         self._rc = rc
         self._sc = scenario
         self._prelaunch = wait
+        self._paused = False  # by `stop` (also while the VM is still being built)
 
     def run_state(self) -> str:
-        state = self._rc.state()
-        if state == "stopped":
+        if self._rc.state() == "stopped":
             return ctl.SHUTDOWN
         if self._prelaunch:
             return ctl.PRELAUNCH
-        if state == "paused":
-            return ctl.PAUSED
-        return ctl.RUNNING  # also while the VM is still being built: nothing holds it
+        return ctl.PAUSED if self._paused else ctl.RUNNING
 
     def pause(self) -> None:
         # False: a vCPU did not park in time (it parks at its next exit); paused anyway.
         self._rc.pause()
+        self._paused = True
 
     def resume(self) -> None:
-        self._prelaunch = False
+        self._prelaunch = self._paused = False
         self._rc.resume()
 
     def request_stop(self, reason: str) -> None:

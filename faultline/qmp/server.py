@@ -219,10 +219,13 @@ class QmpServer:
                         self._accept()
                         continue
                     c: _Client = key.data
-                    if mask & selectors.EVENT_READ and not c.closed:
-                        self._read(c)
-                    if mask & selectors.EVENT_WRITE and not c.closed:
-                        self._flush(c)
+                    try:
+                        if mask & selectors.EVENT_READ and not c.closed:
+                            self._read(c)
+                        if mask & selectors.EVENT_WRITE and not c.closed:
+                            self._flush(c)
+                    except Exception:  # a bug with one client: drop it, serve the rest
+                        self._drop(c)
                 self._pump(final=False)
             self._pump(final=True)
             if not self._shutdown_sent:
