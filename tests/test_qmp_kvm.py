@@ -180,7 +180,8 @@ def _steps(events: Path) -> int:
 
 @pytest.mark.kvm
 def test_fire_stop_cont_quit_mid_run(sockdir: Path) -> None:
-    run = Run(sockdir, SPIN, "--qmp-wait")
+    # a watchdog shorter than the pause below: a stopped VM is not a hung one
+    run = Run(sockdir, SPIN, "--qmp-wait", "--watchdog", "0.3")
     try:
         async def session() -> dict[str, Any]:
             qmp = await _connect(run.sock)
