@@ -320,6 +320,30 @@ def test_sigint_ends_the_run_and_removes_the_socket(sockdir: Path) -> None:
     assert not held.sock.exists()
 
 
+@pytest.mark.kvm
+def test_quit_while_held(sockdir: Path) -> None:
+    run = Run(sockdir, DAX, "--qmp-wait")
+    try:
+        async def session() -> tuple[Any, list[dict[str, Any]]]:
+            qmp = await _connect(run.sock)
+            answer = await qmp.execute("quit")
+            events = await _events_until(qmp, "SHUTDOWN")
+            await _hang_up(qmp)
+            return answer, events
+
+        answer, events = asyncio.run(session())
+        rc, outcome, err = run.finish()
+    finally:
+        run.kill()
+    assert answer == {}
+    assert _named(events, "SHUTDOWN") == [{"guest": False, "reason": "host-qmp-quit"}]
+    assert rc == 1, err  # the scenario's expectations were not met: nothing ran
+    assert outcome["vm"] == "aborted"
+    assert {t["fate"] for t in outcome["tasks"].values()} == {"killed"}
+    assert "guest_boot" not in run.events.read_text()  # held: no vCPU ever entered the guest
+    assert not run.sock.exists()
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "faultline.cli", "run", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

@@ -182,10 +182,12 @@ class QmpServer:
         self._flush_s = flush_s
         self._interrupted = interrupted
         self._closing.set()
-        if self._thread is not None:
-            self._thread.join(flush_s + 5.0)
-            self._thread = None
-        self._shutdown_sockets()
+        try:
+            if self._thread is not None:
+                self._thread.join(flush_s + 5.0)
+                self._thread = None
+        finally:  # a second Ctrl-C during the join: the socket still goes
+            self._shutdown_sockets()
 
     def __enter__(self) -> QmpServer:
         self.start()
