@@ -186,7 +186,7 @@ class EventLog:
     MAX_EVENTS = 200_000
     _ALWAYS = frozenset({"outcome", "vm_stop", "vm_abort", "vm_hung", "error", "model_end",
                          "livelock", "deadlock", "step_limit", "guest_panic", "log_capped",
-                         "log_dropped", "file_check", "events_unfired"})
+                         "log_dropped", "file_check"})
 
     def __init__(self, path: str | Path | None, *, clock: str = "us",
                  max_repeats: int = MAX_REPEATS, max_events: int = MAX_EVENTS,
