@@ -14,7 +14,7 @@ Safety: RAM that cannot shrink (anon, sealed memfd) is accessed directly at its 
 windows are only ever reached with os.pread/os.pwrite after a size check, because touching a
 truncated MAP_SHARED page from Python raises SIGBUS, which the interpreter cannot survive.
 
-Lookups (find_region, hva_to_gpa) bisect sorted start lists: O(log n) for any region count.
+Lookups (find_region) bisect a sorted start list: O(log n) for any region count.
 """
 
 from __future__ import annotations
@@ -76,16 +76,6 @@ class GuestAddress(int):
 
     def __repr__(self) -> str:
         return f"GuestAddress({int(self):#x})"
-
-    def checked_add(self, offset: int) -> GuestAddress | None:
-        value = int(self) + offset
-        return GuestAddress(value) if 0 <= value < 1 << 64 else None
-
-    def unchecked_add(self, offset: int) -> GuestAddress:
-        return GuestAddress(int(self) + offset)
-
-    def offset_from(self, base: int) -> int:
-        return int(self) - base
 
 
 def _page_align_up(x: int) -> int:
@@ -214,12 +204,6 @@ class Region:
     @property
     def closed(self) -> bool:
         return self._closed
-
-    def contains(self, gpa: int) -> bool:
-        return self.gpa <= gpa < self.gpa + self.size
-
-    def gpa_to_hva(self, gpa: int) -> int:
-        return self.hva + (gpa - self.gpa)
 
     def maps_entry(self, hva: int) -> MapsEntry | None:
         """This region's line of /proc/self/maps. Read once (a full read costs ~0.1-0.2 ms,
@@ -396,13 +380,11 @@ _tuple_new = tuple.__new__
 
 
 class GuestMemory:
-    """The set of regions of one VM, sorted by gpa (and by hva for reverse lookups)."""
+    """The set of regions of one VM, sorted by gpa."""
 
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._regions: list[Region] = []
-        self._hva_starts: list[int] = []
-        self._hva_regions: list[Region] = []
         self._names: dict[str, Region] = {}
 
     # --- building ------------------------------------------------------------------------
@@ -417,9 +399,6 @@ class GuestMemory:
             raise ValueError(f"{region!r} overlaps {self._regions[i]!r}")
         self._starts.insert(i, int(region.gpa))
         self._regions.insert(i, region)
-        j = bisect.bisect_right(self._hva_starts, region.hva)
-        self._hva_starts.insert(j, region.hva)
-        self._hva_regions.insert(j, region)
         self._names[region.name] = region
         return region
 
@@ -464,14 +443,6 @@ class GuestMemory:
     def gpa_to_hva(self, gpa: int) -> int | None:
         r = self.find_region(gpa)
         return None if r is None else r.hva + (gpa - r.gpa)
-
-    def hva_to_gpa(self, hva: int) -> GuestAddress | None:
-        i = bisect.bisect_right(self._hva_starts, hva) - 1
-        if i >= 0:
-            r = self._hva_regions[i]
-            if hva < r.hva + r.size:
-                return GuestAddress(r.gpa + (hva - r.hva))
-        return None
 
     def memslots(self) -> Iterator[tuple[int, int, int, int, bool]]:
         """(slot, gpa, size, hva, readonly) per region in gpa order, for
@@ -549,8 +520,6 @@ class GuestMemory:
             r.close()
         self._starts.clear()
         self._regions.clear()
-        self._hva_starts.clear()
-        self._hva_regions.clear()
         self._names.clear()
 
     def __enter__(self) -> Self:

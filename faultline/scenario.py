@@ -16,9 +16,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from faultline import abi
+from faultline.vmm.policy import POLICIES  # one list: the decision module's
 
 DESIGNS = ("upstream", "memory-fault-exit", "error-gfn", "request", "apf-error-to-guest")
-POLICIES = ("abort", "mce", "notify", "proactive")
 BACKENDS = ("kvm", "model", "qemu")
 # What the model describes (docs/linux-qemu.md): a Linux guest under QEMU, or faultline's own
 # VMM and guest (what the kvm backend is). The kvm backend is always "faultline-vmm"; the

@@ -1,7 +1,7 @@
 """The memory-fault path on real KVM: every shipped scenario under every policy it lists,
 the resolution record against /proc/self/maps and os.stat, proactive against a change made
 by another process, and the hardware-only detection paths (KVM_EXIT_MEMORY_FAULT, bare
-EFAULT, EHWPOISON, SIGBUS) fed synthetically through the same code as real exits."""
+EFAULT, EHWPOISON) fed synthetically through the same code as real exits."""
 
 from __future__ import annotations
 
@@ -237,15 +237,6 @@ def test_several_vcpus_touching_one_page_is_not_a_repeat(window: GuestMemory) ->
     det.note_handled(MemoryFault(0x1_0000_2010, 8, "read", "bare-efault", 3))
     with pytest.raises(Unrecoverable, match="on vCPU 3"):
         det.note_handled(MemoryFault(0x1_0000_2000, 8, "read", "bare-efault", 3))
-
-
-def test_sigbus_mceerr_on_vcpu_thread_maps_hva_to_gpa(window: GuestMemory) -> None:
-    hva = window.gpa_to_hva(0x1_0000_1000)
-    assert hva is not None
-    fault = Detector(window, 0x100000, lambda v, g: None).from_sigbus(
-        0, abi.BUS_MCEERR_AR, hva + 0x40)
-    assert fault is not None and (fault.gpa, fault.poisoned) == (0x1_0000_1040, True)
-    assert resolve(window, fault)[0].cause == "poisoned"
 
 
 @pytest.mark.kvm

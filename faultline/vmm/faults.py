@@ -2,18 +2,23 @@
 :class:`MemoryFault`, and every MemoryFault is resolved GPA -> memslot -> HVA -> mapping
 (/proc/self/maps) -> file + offset, with the reason it failed.
 
-The five ways in (DESIGN.md §3):
+The ways in (docs/design.md, "The fault path"):
 
 1. KVM_RUN -1, errno EFAULT/EHWPOISON, exit_reason KVM_EXIT_MEMORY_FAULT: gpa given.
 2. KVM_RUN -1 with a bare EFAULT (x86 upstream today): no gpa; recovered by decoding the
-   instruction at RIP and walking the guest's page tables to its operand (the runner's
-   `locate`), else by scanning the file-backed windows for pages that are now bad;
-   guarded (per vCPU) against repeating forever.
+   instruction at RIP and walking the guest's page tables to its operand (locate.py),
+   else by scanning the file-backed windows for pages that are now bad; guarded (per
+   page and vCPU, policy.count_fault) against repeating forever.
 3. KVM_EXIT_MMIO whose gpa lies in RAM or a window: what this host's KVM does for a
-   truncated page.
+   truncated page, and for a store to a read-only memslot.
 4. KVM_EXIT_INTERNAL_ERROR from an instruction fetch out of such a page: the fetch address
    is translated with KVM_TRANSLATE.
-5. SIGBUS BUS_MCEERR_AR/AO at an hva (hardware poison, QEMU's kvm_arch_on_sigbus_vcpu).
+
+Not handled: upstream x86 reports a hardware-poisoned host page by sending SIGBUS
+BUS_MCEERR_AR to the vCPU thread (kvm_send_hwpoison_signal), which QEMU catches
+(kvm_arch_on_sigbus_vcpu). Python cannot take a synchronous SIGBUS with its address on a
+vCPU thread, and this host cannot make real poison (CONFIG_MEMORY_FAILURE is off): here
+EHWPOISON is only met through path 1, tested by decoding; the model covers poison.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ class MemoryFault(NamedTuple):
     gpa: int
     size: int
     access: str  # read | write | exec | unknown
-    source: str  # memory-fault-exit | bare-efault | mmio | internal-error | sigbus
+    source: str  # memory-fault-exit | bare-efault | mmio | internal-error
     vcpu: int
     poisoned: bool = False  # EHWPOISON / BUS_MCEERR_*: the host page itself is bad
     in_progress: bool = False  # the access completes on re-entry (MMIO): kill before use
@@ -116,14 +121,6 @@ class Detector:
                 return None
             return MemoryFault(gpa, 1, "exec", "internal-error", vcpu)
         return None
-
-    def from_sigbus(self, vcpu: int, si_code: int, hva: int) -> MemoryFault | None:
-        """SIGBUS BUS_MCEERR_AR (4) / AO (5) at `hva` on a vCPU thread (hardware poison)."""
-        gpa = self.memory.hva_to_gpa(hva)
-        if gpa is None:
-            return None
-        return MemoryFault(int(gpa), PAGE_SIZE, "unknown", "sigbus", vcpu, poisoned=True,
-                           in_progress=si_code == 5)
 
     def bare_efault(self, vcpu: int, poisoned: bool) -> MemoryFault:
         """A bare -EFAULT names no gpa. First decode the instruction at RIP and translate

@@ -40,12 +40,11 @@ Walker = Callable[[memoryview | bytes | bytearray, int, int], int | None]
 
 
 def walker_for(cr0: int, cr4: int, efer: int) -> Walker | None:
-    """The walk for levels(cr0, cr4, efer) as a (ram, cr3, gva) function, or None where
-    this module does not apply: one call per translation on the fault path (the mode test
-    is levels()'s, repeated here to save that call)."""
-    if not cr0 & CR0_PG or not cr4 & CR4_PAE or not efer & EFER_LMA:
-        return None
-    return _walk5 if cr4 & CR4_LA57 else _walk4
+    """:func:`walk` for levels(cr0, cr4, efer) as a (ram, cr3, gva) function, or None where
+    this module does not apply: the caller tests the mode once per fault, not per
+    translation."""
+    n = levels(cr0, cr4, efer)
+    return functools.partial(walk, nlevels=n) if n else None
 
 
 def walk(ram: memoryview | bytes | bytearray, cr3: int, gva: int, nlevels: int) -> int | None:
@@ -53,14 +52,6 @@ def walk(ram: memoryview | bytes | bytearray, cr3: int, gva: int, nlevels: int) 
 
     Returns None for a not-present entry, UNHANDLED for a table that is not in `ram`.
     A PS bit at the PDPT (1 GiB) or PD (2 MiB) level ends the walk with a large page."""
-    if nlevels == 4:
-        return _walk4(ram, cr3, gva)
-    return walk_loop(ram, cr3, gva, nlevels)
-
-
-def walk_loop(ram: memoryview | bytes | bytearray, cr3: int, gva: int,
-              nlevels: int) -> int | None:
-    """The walk for any number of levels (what _walk4 unrolls for 4)."""
     table = cr3 & ADDR_MASK
     shift = 9 * nlevels + 3  # the top level's index bits start here: 39 (4-level), 48
     end = len(ram) - 8
@@ -76,30 +67,3 @@ def walk_loop(ram: memoryview | bytes | bytearray, cr3: int, gva: int,
             return (pte & ADDR_MASK & ~mask) | (gva & mask)
         table = pte & ADDR_MASK
         shift -= 9
-
-
-def _walk4(ram: memoryview | bytes | bytearray, cr3: int, gva: int) -> int | None:
-    """The 4-level walk unrolled: it runs twice per bare -EFAULT, and the loop above costs
-    twice the bytecodes. `gva >> (12 + 9k - 3) & 0xFF8` is level k's index times 8."""
-    q, m = _Q, ADDR_MASK
-    try:
-        e = q(ram, (cr3 & m) | (gva >> 36 & 0xFF8))[0]  # PML4E
-        if not e & 1:
-            return None
-        e = q(ram, (e & m) | (gva >> 27 & 0xFF8))[0]  # PDPTE
-        if not e & 1:
-            return None
-        if e & 0x80:  # 1 GiB page
-            return (e & m & ~0x3FFF_FFFF) | (gva & 0x3FFF_FFFF)
-        e = q(ram, (e & m) | (gva >> 18 & 0xFF8))[0]  # PDE
-        if not e & 1:
-            return None
-        if e & 0x80:  # 2 MiB page
-            return (e & m & ~0x1F_FFFF) | (gva & 0x1F_FFFF)
-        e = q(ram, (e & m) | (gva >> 9 & 0xFF8))[0]  # PTE
-    except struct.error:  # a table beyond RAM
-        return UNHANDLED
-    return (e & m) | (gva & 0xFFF) if e & 1 else None
-
-
-_walk5 = functools.partial(walk_loop, nlevels=5)
