@@ -24,6 +24,7 @@ from typing import IO, Any, NoReturn
 
 from faultline.outcome import EventLog, Outcome, check
 from faultline.scenario import DESIGNS, POLICIES, ScenarioError, load, read_text
+from faultline.vmm import DEFAULT_MAX_SECONDS, DEFAULT_MAX_STEPS
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
@@ -209,6 +210,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown design {design!r} (one of: {', '.join(DESIGNS)})")
         kw: dict[str, Any] = ({"watchdog_s": args.watchdog, "keep": args.keep}
                               if backend in ("kvm", "qemu") else {})
+        if backend == "kvm":
+            kw.update(max_steps=args.max_steps, max_seconds=args.max_seconds)
         if args.replay:
             kw["schedule"] = _load_replay(args.replay, sc.name, design, policy, args.property)
         if args.qmp_wait and not args.qmp:
@@ -513,6 +516,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                             design=None if backend == "kvm" else "error-gfn", policy="mce",
                             json=False, events=args.events, seed=None, verbose=False,
                             watchdog=10.0, keep=False, replay=None, property=None,
+                            max_steps=DEFAULT_MAX_STEPS, max_seconds=DEFAULT_MAX_SECONDS,
                             trace=None, qmp=None, qmp_wait=False)
     print(f"faultline demo: scenarios/dax-truncate.toml on {backend}"
           + (" (design error-gfn: /dev/kvm is not usable here)" if backend == "model" else "")
@@ -546,6 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--watchdog", type=positive_float, default=10.0, metavar="SECONDS",
                    help="kvm, qemu: seconds without progress before the run is declared hung "
                         "(default 10)")
+    r.add_argument("--max-steps", type=positive_int, default=DEFAULT_MAX_STEPS, metavar="N",
+                   help="kvm: the run's budget of guest steps (every task's together); past "
+                        f"it the run ends as hung (default {DEFAULT_MAX_STEPS})")
+    r.add_argument("--max-seconds", type=positive_float, default=DEFAULT_MAX_SECONDS,
+                   metavar="SECONDS",
+                   help="kvm: the run's wall-time budget; past it the run ends as hung "
+                        f"(default {DEFAULT_MAX_SECONDS:g})")
     r.add_argument("--replay", metavar="TRACE.json",
                    help="model: follow a checker counterexample (a trace, or the whole "
                         "check --json output), then finish the run")

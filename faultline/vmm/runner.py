@@ -30,6 +30,7 @@ from faultline.kvm import Kvm, KvmError, Vm, uapi
 from faultline.memory import GuestMemory, Region
 from faultline.outcome import EventLog, Outcome, TaskOutcome
 from faultline.scenario import Scenario, file_contents
+from faultline.vmm import DEFAULT_MAX_SECONDS, DEFAULT_MAX_STEPS, DEFAULT_WATCHDOG_S
 from faultline.vmm import policy as pol
 from faultline.vmm.control import RunControl
 from faultline.vmm.exit_loop import ExitLoop
@@ -58,9 +59,6 @@ __all__ = [
     "run_kvm",
 ]
 
-DEFAULT_WATCHDOG_S = 10.0
-DEFAULT_MAX_STEPS = 1_000_000  # every task's steps together
-DEFAULT_MAX_SECONDS = 600.0
 JOIN_TIMEOUT_S = 5.0
 SUPERVISE_TICK_S = 0.05
 
