@@ -4,10 +4,13 @@ suite and the tests share."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from faultline.outcome import EventLog, Outcome
 from faultline.scenario import DESIGNS, POLICIES, Scenario
+
+if TYPE_CHECKING:
+    from faultline.model.design import Design
 
 
 class UsageError(Exception):
@@ -24,13 +27,14 @@ def resolve_backend(backend: str) -> str:
     return "kvm" if kvm_available()[0] else "model"
 
 
-def run_scenario(scenario: Scenario, *, backend: str = "auto", design: str | None = None,
-                 policy: str | None = None, events_path: str | Path | None = None,
-                 log: EventLog | None = None, seed: int | None = None,
-                 monitor: Any = None, **kw: Any) -> Outcome:
+def run_scenario(scenario: Scenario, *, backend: str = "auto",
+                 design: str | Design | None = None, policy: str | None = None,
+                 events_path: str | Path | None = None, log: EventLog | None = None,
+                 seed: int | None = None, monitor: Any = None, **kw: Any) -> Outcome:
     """Run `scenario` on `backend` ("kvm", "model", "qemu" or "auto") and return its
-    Outcome. `monitor` (kvm only): a faultline.qmp.kvm.KvmMonitor, attached to the run's
-    control before the VM is built."""
+    Outcome. ``design``: a model design's name, or a Design (e.g. from a design file).
+    `monitor` (kvm only): a faultline.qmp.kvm.KvmMonitor, attached to the run's control
+    before the VM is built."""
     if monitor is not None and backend != "kvm":
         raise UsageError("a QMP monitor serves the kvm backend only (backend='kvm')")
     if backend == "qemu":
@@ -55,7 +59,7 @@ def run_scenario(scenario: Scenario, *, backend: str = "auto", design: str | Non
             monitor.attach(run.control, scenario)
         return run.run()
     design = design or scenario.design
-    if design not in DESIGNS:
+    if isinstance(design, str) and design not in DESIGNS:
         raise UsageError(f"unknown design {design!r} (one of: {', '.join(DESIGNS)})")
     from faultline.model.simulate import simulate
 

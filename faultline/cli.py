@@ -169,6 +169,8 @@ def _pick_backend(args: argparse.Namespace) -> str:
     from faultline.backends import UsageError, resolve_backend
 
     model_only = [o for o, v in (("--design", args.design not in (None, "host")),
+                                 ("--design-file", getattr(args, "design_file", None)
+                                  is not None),
                                  ("--profile", getattr(args, "profile", None)
                                   not in (None, "faultline-vmm")),
                                  ("--seed", args.seed is not None),
@@ -186,6 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Exit 2 (bad input, one line) is decided before the run starts and leaves no event
     log; every run that starts writes one (also when it is interrupted)."""
     from faultline.backends import UsageError, run_scenario
+    from faultline.model.designs import DesignError, load_design_file
     from faultline.model.simulate import ReplayError
     from faultline.qemu.run import QemuFailed
     from faultline.qmp.server import QmpSetupError
@@ -206,8 +209,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown policy {policy!r} (one of: {', '.join(POLICIES)})")
         design = "host" if backend in ("kvm", "qemu") else (
             args.design if args.design is not None else sc.design)
-        if backend == "model" and design not in DESIGNS:
+        if backend == "model" and args.design_file is not None:
+            if args.design is not None:
+                raise UsageError("--design and --design-file: give one of them")
+            design_obj: Any = load_design_file(args.design_file)
+            design = design_obj.name
+        elif backend == "model" and design not in DESIGNS:
             raise UsageError(f"unknown design {design!r} (one of: {', '.join(DESIGNS)})")
+        else:
+            design_obj = design
         kw: dict[str, Any] = ({"watchdog_s": args.watchdog, "keep": args.keep}
                               if backend in ("kvm", "qemu") else {})
         if backend == "kvm":
@@ -241,7 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if trace_fh is not None:
                 _discard(trace_fh, args.trace)
             raise
-    except (ScenarioError, UsageError, OutputError, QmpSetupError) as e:
+    except (ScenarioError, UsageError, OutputError, QmpSetupError, DesignError) as e:
         if monitor is not None:
             monitor.close()
         _err(str(e))
@@ -250,14 +260,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                    fh=events_fh)
     try:
         try:
-            outcome = run_scenario(sc, backend=backend, design=design, policy=policy,
+            outcome = run_scenario(sc, backend=backend, design=design_obj, policy=policy,
                                    log=log, seed=args.seed, **kw)
         except QemuFailed as e:  # not bad input: QEMU missing or not starting; logged
             log.emit("error", error=str(e))
             _err(str(e))
             return EXIT_USAGE
-        except (UsageError, BackendError, ReplayError) as e:
-            # refused once the run had begun (e.g. poison on this host): still bad input
+        except (UsageError, BackendError, ReplayError, DesignError) as e:
+            # refused once the run had begun (e.g. poison on this host, a design file's
+            # hook failing): still bad input
             log.close()
             _discard(events_fh, str(events_path))
             if trace_fh is not None:
@@ -538,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model when --design, --seed or --replay ask for it)")
     r.add_argument("--design", help=f"model only: {' | '.join(DESIGNS)} (default: the "
                                     "scenario's)")
+    r.add_argument("--design-file", metavar="PATH.py",
+                   help="model only: the design defined in this Python file (docs/designs.md)")
     r.add_argument("--policy", help=f"{' | '.join(POLICIES)} (default: the scenario's first)")
     r.add_argument("--json", action="store_true",
                    help="print the outcome as JSON instead of the timeline")

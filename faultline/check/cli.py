@@ -56,6 +56,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--design", nargs="+", action=_Several, metavar="DESIGN",
                    help=f"one or more of: {', '.join(DESIGNS)} "
                                          "(default: all)")
+    p.add_argument("--design-file", action="append", default=[], metavar="PATH.py",
+                   help="also check the design defined in this Python file (repeatable; "
+                        "docs/designs.md); alone, it replaces the default designs")
     p.add_argument("--policy", nargs="+", action=_Several, metavar="POLICY",
                    help=f"one or more of: {', '.join(POLICIES)} "
                                           "(default: all)")
@@ -77,6 +80,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from faultline.check.matrix import check_matrix, render
     from faultline.check.properties import format_counterexample
+    from faultline.model.designs import DesignError, load_design_file
     from faultline.model.properties import PROPERTIES as DECLARED
 
     properties = [p.name for p in DECLARED]  # the model declares them
@@ -91,14 +95,20 @@ def main(args: argparse.Namespace) -> int:
     try:
         for p in paths:
             load(p)  # bad input: one line, exit 2, before any process starts
-    except ScenarioError as e:
+        for f in args.design_file:
+            load_design_file(f)  # the same for a design file that cannot be used
+    except (ScenarioError, DesignError) as e:
         print(f"faultline: error: {e}", file=sys.stderr)
         return 2
+    designs = [*(args.design or []), *args.design_file] if args.design_file else args.design
     try:
-        result = check_matrix([str(p) for p in paths], args.design, args.policy,
+        result = check_matrix([str(p) for p in paths], designs, args.policy,
                               args.workers, max_states=args.max_states,
                               timeout_s=args.timeout,
                               progress=not args.json and sys.stderr.isatty())
+    except DesignError as e:  # a design file's hook failed in a cell: the user's input
+        print(f"faultline: error: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:  # a cell failed in its worker: a bug, said in one line
         print(f"faultline: internal error: {e}", file=sys.stderr)
         return 3

@@ -23,6 +23,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
+from faultline.model.designs import DesignError
 from faultline.scenario import DESIGNS, POLICIES, load
 
 MATRIX_DESIGNS = DESIGNS
@@ -38,9 +39,10 @@ def check_cell(scenario_path: str, design: str, policy: str, max_states: int = 5
     sc = load(scenario_path)
     # Symmetry reduction on (a no-op unless the scenario has interchangeable tasks: see
     # System._symmetry_groups); a counterexample then replays with canonical=True.
-    r = check_system(System(sc, design, policy, symmetry=True), max_states=max_states,
-                     timeout_s=timeout_s)
-    cell: dict[str, Any] = {"design": design, "policy": policy, "scenario": sc.name}
+    # `design`: a shipped design's name or a design file (.py), loaded in this process.
+    system = System(sc, design, policy, symmetry=True)
+    r = check_system(system, max_states=max_states, timeout_s=timeout_s)
+    cell: dict[str, Any] = {"design": system.design, "policy": policy, "scenario": sc.name}
     cell.update(r.to_json())
     cell["explore_seconds"] = round(r.explore_seconds, 3)
     return cell
@@ -59,6 +61,8 @@ def _worker(conn: Connection) -> None:
             return
         try:
             conn.send(("ok", check_cell(*job)))
+        except DesignError as e:  # a design file's hook: the user's error, said as is
+            conn.send(("design", str(e)))
         except Exception as e:  # the parent raises it: one line there, not a traceback here
             conn.send(("error", f"{type(e).__name__}: {e}"))
 
@@ -107,6 +111,8 @@ class _Workers:
                 except EOFError:
                     raise RuntimeError(f"check: the worker for cell {jobs[i][1:]} died") \
                         from None
+                if status == "design":
+                    raise DesignError(value)
                 if status != "ok":
                     raise RuntimeError(f"check: cell {jobs[i][1:]}: {value}")
                 done[i] = value
