@@ -42,7 +42,7 @@ class ReadsOtherVcpu(Design):
 
 def test_writing_outside_the_footprint_is_caught_on_a_miss() -> None:
     sc = load(STANDARD)
-    with pytest.raises(MemoContractError, match="_apf_ready of vCPU . changed vcpus"):
+    with pytest.raises(MemoContractError, match=r"_apf_ready of vCPU \d changed vcpus"):
         check_system(System(sc, WritesOtherVcpu(), "mce"), check_memo=False)
 
 

@@ -131,7 +131,7 @@ def test_a_failing_hook_is_named(tmp_path: Path, text: str, want: str, workers: 
                                  capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "d.py"
     path.write_text(text)
-    rc, out, err = _check([str(STANDARD), "--design-file", str(path), "--policy", "mce",
+    rc, _out, err = _check([str(STANDARD), "--design-file", str(path), "--policy", "mce",
                            "--workers", workers], capsys)
     assert rc == 2 and err == f"faultline: error: {path}: {want}\n"
     rc = cli.main(["run", str(STANDARD), "--backend", "model", "--design-file", str(path),
