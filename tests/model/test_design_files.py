@@ -138,3 +138,13 @@ def test_a_failing_hook_is_named(tmp_path: Path, text: str, want: str, workers: 
                    "--policy", "mce", "--events", str(tmp_path / "ev.jsonl")])
     err = capsys.readouterr().err
     assert rc == 2 and err.endswith(f"{path}: {want}\n") and err.count("\n") == 1, err
+
+
+def test_the_worked_example_of_docs_designs_md() -> None:
+    # docs/designs.md shows this design's matrix: the same failing properties as request
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "retry_exit.py"
+    sc = load(STANDARD)
+    for policy, states in (("abort", 335), ("mce", 543), ("notify", 573), ("proactive", 197)):
+        r = check_system(System(sc, str(path), policy, symmetry=True))
+        assert r.states == states
+        assert r.failing() == (["vm_survives"] if policy == "abort" else []), policy
