@@ -1,10 +1,13 @@
 """``bench_check(workers)``: distinct states/s of the explorer on one core, and the wall
-time of the standard matrix. Measured, never asserted (DESIGN.md §6)."""
+time of the standard matrix; ``compare_trees(other)`` (``python -m faultline.check.bench
+--against TREE``): check-large's states per CPU second against another checkout, as a
+ratio. Measured, never asserted."""
 
 from __future__ import annotations
 
 import cProfile
 import io
+import json
 import pstats
 import time
 from pathlib import Path
@@ -52,11 +55,51 @@ def bench_check(workers: int = 2, scenario: str | Path = STANDARD, *,
     return out
 
 
-if __name__ == "__main__":
-    import json
+# Run in a child per tree: check-large on one worker, exploration timed in CPU seconds of
+# the process (time.process_time: on a shared machine, wall time measures the others).
+_CHILD = ("import json, time; time.perf_counter = time.process_time; "
+          "from faultline.check.matrix import check_matrix; "
+          "r = check_matrix([{path!r}], workers=1); "
+          "print(json.dumps([r['states_per_second'], sum(c['states'] for c in r['cells'])]))")
+
+
+def compare_trees(other: str | Path, rounds: int = 2,
+                  scenario: str = "scenarios/check-large.toml") -> dict[str, Any]:
+    """states/s of exploration per CPU second, this tree against ``other`` (a checkout of
+    another revision, e.g. ``git worktree add /tmp/old REV``), alternately, ``rounds``
+    times each, in one command: the ratio is what to read."""
+    import subprocess
     import sys
 
-    res = bench_check(int(sys.argv[1]) if len(sys.argv) > 1 else 2, profile=True)
-    prof_text = res.pop("profile", "")
-    print(json.dumps(res, indent=1))
-    print(prof_text)
+    here = Path(__file__).resolve().parents[2]
+    trees = {"other": Path(other).resolve(), "this": here}
+    runs: dict[str, list[list[int]]] = {k: [] for k in trees}
+    for _ in range(rounds):
+        for k, d in trees.items():
+            out = subprocess.run([sys.executable, "-c", _CHILD.format(path=scenario)],
+                                 cwd=d, env={"PYTHONPATH": str(d)}, capture_output=True,
+                                 text=True, check=True).stdout
+            runs[k].append(json.loads(out))
+    rate = {k: sum(r[0] for r in v) / len(v) for k, v in runs.items()}
+    return {"scenario": scenario, "runs": runs, "states": runs["this"][0][1],
+            "other_states_per_cpu_second": round(rate["other"]),
+            "this_states_per_cpu_second": round(rate["this"]),
+            "ratio_this_over_other": round(rate["this"] / rate["other"], 3)}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="checker throughput")
+    ap.add_argument("workers", nargs="?", type=int, default=2)
+    ap.add_argument("--against", metavar="TREE",
+                    help="compare check-large with another checkout, alternately")
+    ap.add_argument("--rounds", type=int, default=2)
+    a = ap.parse_args()
+    if a.against:
+        print(json.dumps(compare_trees(a.against, a.rounds), indent=1))
+    else:
+        res = bench_check(a.workers, profile=True)
+        prof_text = res.pop("profile", "")
+        print(json.dumps(res, indent=1))
+        print(prof_text)
