@@ -1,7 +1,9 @@
 """The executable model: host mm + KVM (with async page faults) + VMM + guest kernel.
 
-``System(scenario, design, policy, **params)`` is the transition system (shared by the
-simulator and the checker); ``simulate()`` runs it once and returns an ``Outcome``.
+``System(scenario, design, policy, sink=None, **params)`` is the transition system
+(shared by the simulator and the checker; ``design`` a shipped design's name, a design
+file's path or a ``Design``: faultline/model/designs/, docs/designs.md); ``simulate()``
+runs it once and returns an ``Outcome``.
 """
 
 from faultline.model.simulate import simulate
