@@ -24,7 +24,7 @@ HELLO = ROOT / "scenarios" / "hello.toml"
 
 pytestmark = pytest.mark.kvm
 
-# QEMU's SRAR/SRAO encodings (bank 9): see DESIGN.md §3.
+# QEMU's SRAR/SRAO encodings (bank 9): see docs/design.md, "The decision module".
 MCI_VAL, MCI_OVER, MCI_UC, MCI_EN = 1 << 63, 1 << 62, 1 << 61, 1 << 60
 MCI_MISCV, MCI_ADDRV, MCI_PCC, MCI_S, MCI_AR = 1 << 59, 1 << 58, 1 << 57, 1 << 56, 1 << 55
 MCG_RIPV, MCG_EIPV, MCG_MCIP = 1, 2, 4
