@@ -508,34 +508,10 @@ class QemuRun:
                 await qmp.execute("cont")
 
     def _change_file(self, ev: HostEvent, vcpu: int | None) -> None:
-        from faultline.vmm.runner import _WRITE_SNIPPET, _punch_hole
+        from faultline.vmm.hostevents import apply_host_event
 
-        fd = self.fds[ev.file]
-        path = str(self.run_dir / self.sc.file(ev.file).path)
-        before = os.fstat(fd).st_size
-        common: dict[str, Any] = dict(vcpu=vcpu, action=ev.action, file=ev.file, path=path,
-                                      by=ev.by, trigger=str(ev.trigger), size_before=before)
-        if ev.action == "extend" and ev.size is not None and ev.size <= before:
-            self.log.emit("host_event", **common, size_after=before, skipped="already larger")
-            return
-        argv: list[str] = []
-        if ev.action in ("truncate", "extend"):
-            assert ev.size is not None
-            argv = ["truncate", "-s", str(ev.size), path]
-            if ev.by == "runner":
-                os.truncate(path, ev.size)
-        elif ev.action == "punch-hole":
-            argv = ["fallocate", "-p", "-o", str(ev.offset), "-l", str(ev.length), path]
-            if ev.by == "runner":
-                _punch_hole(fd, ev.offset, ev.length)
-        elif ev.action == "write":
-            argv = ["python3", "-c", _WRITE_SNIPPET, path, str(ev.offset), str(ev.value)]
-            if ev.by == "runner":
-                os.pwrite(fd, ev.value.to_bytes(8, "little"), ev.offset)
-        if ev.by == "subprocess" and argv:
-            subprocess.run(argv, check=True, capture_output=True, timeout=30)
-        self.log.emit("host_event", **common, size_after=os.fstat(fd).st_size,
-                      offset=ev.offset, length=ev.length)
+        apply_host_event(ev, self.fds[ev.file], str(self.run_dir / self.sc.file(ev.file).path),
+                         self.log, vcpu)
 
     # --- end of run ---------------------------------------------------------------------------
     def _finish(self) -> None:

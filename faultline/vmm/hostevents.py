@@ -13,8 +13,10 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from faultline.memory import Region
+from faultline.outcome import EventLog
 from faultline.scenario import HostEvent
 from faultline.vmm.machine import Machine, VcpuState
 
@@ -89,34 +91,38 @@ class HostEvents:
     def _apply(self, ev: HostEvent, v: VcpuState | None) -> None:
         m = self.m
         region = m.memory.region(ev.file)
-        f = m.sc.file(ev.file)
-        path = str(self.run_dir / f.path)
-        before = os.fstat(region.fd).st_size
-        vcpu = v.index if v else None
-        argv: list[str] | None = None
-        if ev.action == "extend" and ev.size is not None and ev.size <= before:
-            m.log.emit("host_event", vcpu=vcpu, action=ev.action, file=ev.file, path=path,
-                       by=ev.by, trigger=str(ev.trigger), size_before=before,
-                       size_after=before, skipped="already larger")
-            return
-        if ev.action in ("truncate", "extend"):
-            assert ev.size is not None
-            argv = ["truncate", "-s", str(ev.size), path]
-            if ev.by == "runner":
-                os.truncate(path, ev.size)
-        elif ev.action == "punch-hole":
-            argv = ["fallocate", "-p", "-o", str(ev.offset), "-l", str(ev.length), path]
-            if ev.by == "runner":
-                punch_hole(region.fd, ev.offset, ev.length)
-        elif ev.action == "write":
-            argv = ["python3", "-c", WRITE_SNIPPET, path, str(ev.offset), str(ev.value)]
-            if ev.by == "runner":
-                os.pwrite(region.fd, ev.value.to_bytes(8, "little"), ev.offset)
-        if ev.by == "subprocess" and argv is not None:
-            subprocess.run(argv, check=True, capture_output=True, timeout=30)
-        after = os.fstat(region.fd).st_size
-        m.log.emit("host_event", vcpu=vcpu, action=ev.action, file=ev.file, path=path,
-                   by=ev.by, trigger=str(ev.trigger), size_before=before, size_after=after,
-                   offset=ev.offset, length=ev.length)
+        apply_host_event(ev, region.fd, str(self.run_dir / m.sc.file(ev.file).path), m.log,
+                         v.index if v else None)
         if self.after_change is not None:
             self.after_change(v, region)
+
+
+def apply_host_event(ev: HostEvent, fd: int, path: str, log: EventLog,
+                     vcpu: int | None) -> None:
+    """Change the backing file (open as `fd` at `path`) as `ev` says, by this process or
+    (``by = "subprocess"``) by another one, and log it as ``host_event``. Shared by the
+    kvm and qemu backends."""
+    before = os.fstat(fd).st_size
+    common: dict[str, Any] = dict(vcpu=vcpu, action=ev.action, file=ev.file, path=path,
+                                  by=ev.by, trigger=str(ev.trigger), size_before=before)
+    if ev.action == "extend" and ev.size is not None and ev.size <= before:
+        log.emit("host_event", **common, size_after=before, skipped="already larger")
+        return
+    argv: list[str] | None = None
+    if ev.action in ("truncate", "extend"):
+        assert ev.size is not None
+        argv = ["truncate", "-s", str(ev.size), path]
+        if ev.by == "runner":
+            os.truncate(path, ev.size)
+    elif ev.action == "punch-hole":
+        argv = ["fallocate", "-p", "-o", str(ev.offset), "-l", str(ev.length), path]
+        if ev.by == "runner":
+            punch_hole(fd, ev.offset, ev.length)
+    elif ev.action == "write":
+        argv = ["python3", "-c", WRITE_SNIPPET, path, str(ev.offset), str(ev.value)]
+        if ev.by == "runner":
+            os.pwrite(fd, ev.value.to_bytes(8, "little"), ev.offset)
+    if ev.by == "subprocess" and argv is not None:
+        subprocess.run(argv, check=True, capture_output=True, timeout=30)
+    log.emit("host_event", **common, size_after=os.fstat(fd).st_size, offset=ev.offset,
+             length=ev.length)

@@ -36,9 +36,7 @@ from faultline.vmm.control import RunControl
 from faultline.vmm.exit_loop import ExitLoop
 from faultline.vmm.fault_handler import MMIO_FILL, FaultHandler
 from faultline.vmm.faults import Detector
-from faultline.vmm.hostevents import WRITE_SNIPPET as _WRITE_SNIPPET  # faultline.qemu's
 from faultline.vmm.hostevents import HostEvents
-from faultline.vmm.hostevents import punch_hole as _punch_hole  # faultline.qemu's
 from faultline.vmm.inject import Injector
 from faultline.vmm.locate import Locator
 from faultline.vmm.machine import Machine, VcpuState, install_kick_handler
@@ -48,12 +46,10 @@ from faultline.vmm.watch import FileWatcher
 
 __all__ = [
     "MMIO_FILL",
-    "_WRITE_SNIPPET",
     "BackendError",
     "Interrupted",
     "KvmRun",
     "VcpuState",
-    "_punch_hole",
     "install_kick_handler",
     "kvm_available",
     "run_kvm",
