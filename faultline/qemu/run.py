@@ -47,6 +47,7 @@ from faultline.qemu.command import (
     qemu_version,
 )
 from faultline.scenario import HostEvent, Scenario, file_contents
+from faultline.vmm.hostevents import needs_real_poison
 from faultline.vmm.runner import BackendError, Interrupted
 
 POLICY = "qemu"
@@ -89,11 +90,8 @@ class QemuRun:
                  qemu: str | None = None, kernel: str | Path | None = None,
                  cpu: str | None = None, extra_args: list[str] | None = None,
                  boot_allowance_s: float = BOOT_ALLOWANCE_S) -> None:
-        for ev in scenario.events:
-            if ev.action == "poison":
-                raise BackendError(
-                    f"{scenario.source}: events[{ev.index}]: 'poison' needs real hardware "
-                    "poison (CONFIG_MEMORY_FAILURE is off on this host); use --backend model")
+        if (why := needs_real_poison(scenario)) is not None:
+            raise BackendError(why)
         self.sc = scenario
         self.watchdog_s = watchdog_s
         self.boot_allowance_s = boot_allowance_s

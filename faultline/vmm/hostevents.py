@@ -17,7 +17,7 @@ from typing import Any
 
 from faultline.memory import Region
 from faultline.outcome import EventLog
-from faultline.scenario import HostEvent
+from faultline.scenario import HostEvent, Scenario
 from faultline.vmm.machine import Machine, VcpuState
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -26,6 +26,16 @@ PAUSE_TIMEOUT_S = 2.0  # a vCPU that does not leave KVM_RUN within this is stuck
 
 WRITE_SNIPPET = ("import os,sys;fd=os.open(sys.argv[1],os.O_WRONLY);"
                   "os.pwrite(fd,int(sys.argv[3]).to_bytes(8,'little'),int(sys.argv[2]))")
+
+
+def needs_real_poison(scenario: Scenario) -> str | None:
+    """Why a scenario cannot run against this host's KVM (a real backend), or None: a
+    'poison' event needs real hardware poison, and CONFIG_MEMORY_FAILURE is off here."""
+    for ev in scenario.events:
+        if ev.action == "poison":
+            return (f"{scenario.source}: events[{ev.index}]: 'poison' needs real hardware "
+                    "poison (CONFIG_MEMORY_FAILURE is off on this host); use --backend model")
+    return None
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

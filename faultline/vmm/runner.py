@@ -36,7 +36,7 @@ from faultline.vmm.control import RunControl
 from faultline.vmm.exit_loop import ExitLoop
 from faultline.vmm.fault_handler import MMIO_FILL, FaultHandler
 from faultline.vmm.faults import Detector
-from faultline.vmm.hostevents import HostEvents
+from faultline.vmm.hostevents import HostEvents, needs_real_poison
 from faultline.vmm.inject import Injector
 from faultline.vmm.locate import Locator
 from faultline.vmm.machine import Machine, VcpuState, install_kick_handler
@@ -93,11 +93,8 @@ class KvmRun:
                             ("max-steps", max_steps)):
             if not value > 0:  # also NaN
                 raise BackendError(f"--{name} must be positive, got {value}")
-        for ev in scenario.events:
-            if ev.action == "poison":
-                raise BackendError(
-                    f"{scenario.source}: events[{ev.index}]: 'poison' needs real hardware "
-                    "poison (CONFIG_MEMORY_FAILURE is off on this host); use --backend model")
+        if (why := needs_real_poison(scenario)) is not None:
+            raise BackendError(why)
         self.sc = scenario
         self.policy = policy
         self.needs = pol.NEEDS[policy]
