@@ -30,13 +30,18 @@ def resolve_backend(backend: str) -> str:
 def run_scenario(scenario: Scenario, *, backend: str = "auto",
                  design: str | Design | None = None, policy: str | None = None,
                  events_path: str | Path | None = None, log: EventLog | None = None,
-                 seed: int | None = None, monitor: Any = None, **kw: Any) -> Outcome:
+                 seed: int | None = None, monitor: Any = None, profile: str | None = None,
+                 **kw: Any) -> Outcome:
     """Run `scenario` on `backend` ("kvm", "model", "qemu" or "auto") and return its
     Outcome. ``design``: a model design's name, or a Design (e.g. from a design file).
     `monitor` (kvm only): a faultline.qmp.kvm.KvmMonitor, attached to the run's control
-    before the VM is built."""
+    before the VM is built. ``profile``: the model's (docs/linux-qemu.md); the kvm
+    backend is faultline-vmm."""
     if monitor is not None and backend != "kvm":
         raise UsageError("a QMP monitor serves the kvm backend only (backend='kvm')")
+    if backend != "model" and profile not in (None, "faultline-vmm"):
+        raise UsageError(f"--profile {profile} is for the model; the {backend} backend runs "
+                         "faultline's own VMM and guest (profile faultline-vmm)")
     if backend == "qemu":
         if design not in (None, "host") or policy not in (None, "qemu"):
             raise UsageError("the qemu backend runs this host's KVM under QEMU: no --design, "
@@ -64,4 +69,4 @@ def run_scenario(scenario: Scenario, *, backend: str = "auto",
     from faultline.model.simulate import simulate
 
     return simulate(scenario, design, policy, seed=seed, events_path=events_path, log=log,
-                    **kw)
+                    profile=profile, **kw)

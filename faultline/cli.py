@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from faultline.outcome import EventLog, Outcome, check
-from faultline.scenario import DESIGNS, POLICIES, ScenarioError, load, read_text
+from faultline.scenario import (
+    DESIGNS,
+    POLICIES,
+    PREEMPTS,
+    PROFILES,
+    ScenarioError,
+    load,
+    read_text,
+)
 from faultline.vmm import DEFAULT_MAX_SECONDS, DEFAULT_MAX_STEPS
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -222,6 +230,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                               if backend in ("kvm", "qemu") else {})
         if backend == "kvm":
             kw.update(max_steps=args.max_steps, max_seconds=args.max_seconds)
+        if args.preempt is not None:
+            if backend != "model":
+                raise UsageError("--preempt is for the model's linux-qemu profile "
+                                 "(use --backend model)")
+            kw["preempt"] = args.preempt
         if args.replay:
             kw["schedule"] = _load_replay(args.replay, sc.name, design, policy, args.property)
         if args.qmp_wait and not args.qmp:
@@ -261,7 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         try:
             outcome = run_scenario(sc, backend=backend, design=design_obj, policy=policy,
-                                   log=log, seed=args.seed, **kw)
+                                   log=log, seed=args.seed, profile=args.profile, **kw)
         except QemuFailed as e:  # not bad input: QEMU missing or not starting; logged
             log.emit("error", error=str(e))
             _err(str(e))
@@ -376,11 +389,12 @@ def cmd_conform(args: argparse.Namespace) -> int:
         _err(str(e))
         return EXIT_USAGE
     run = conform.conform_interruptible(scenarios, events_dir=events_dir,
-                                        progress=not args.json and sys.stderr.isatty())
+                                        progress=not args.json and sys.stderr.isatty(),
+                                        profile=args.profile)
     if args.json:
         print(conform.dumps(run.results))
     else:
-        conform.render(run.results)
+        conform.render(run.results, profile=args.profile)
     if run.interrupted:
         _err(f"interrupted: {len(run.results)} of {run.total} scenario x policy pairs "
              "compared")
@@ -560,6 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "policy and time)")
     r.add_argument("--seed", type=int,
                    help="model only: a seeded random schedule instead of round-robin")
+    r.add_argument("--profile", choices=PROFILES,
+                   help="model only: linux-qemu (Linux under QEMU) or faultline-vmm (this "
+                        "VMM and guest, what the kvm backend is); default: the scenario's "
+                        "[vm] profile, else linux-qemu (docs/linux-qemu.md)")
+    r.add_argument("--preempt", choices=PREEMPTS,
+                   help="model, linux-qemu: the guest's preemption model (default: the "
+                        "scenario's [vm] preempt, else voluntary)")
     r.add_argument("--watchdog", type=positive_float, default=10.0, metavar="SECONDS",
                    help="kvm, qemu: seconds without progress before the run is declared hung "
                         "(default 10)")
@@ -596,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "field. Exit 1 on any difference, 130 when interrupted.")
     c.add_argument("scenarios", nargs="*", help="scenario files (default: the whole corpus)")
     c.add_argument("--json", action="store_true", help="print the comparisons as JSON")
+    c.add_argument("--profile", choices=PROFILES, default="faultline-vmm",
+                   help="the model's profile (default faultline-vmm: what the kvm backend "
+                        "is; linux-qemu shows where Linux + QEMU would differ)")
     c.set_defaults(func=cmd_conform)
 
     cq = sub.add_parser("compare", help="the scenario on QEMU and on faultline's VMM per "

@@ -68,7 +68,8 @@ def fate_cell(t: TaskOutcome | None) -> str:
     if t.fate == "exited":
         return f"exit {t.code}"
     if t.signal is not None:
-        return f"{t.fate} {t.signal.code} @{t.signal.vaddr:#x}"
+        where = "" if t.signal.vaddr is None else f" @{t.signal.vaddr:#x}"
+        return f"{t.fate} {t.signal.code}{where}"
     return t.fate
 
 

@@ -35,9 +35,10 @@ from faultline.scenario import Scenario, load
 
 MODEL_DESIGN = "memory-fault-exit"
 # The model's parameters that make it the real backend of this host (see the module doc).
-MODEL_PARAMS: dict[str, Any] = {"async_without_pv": False, "uffd_sigbus_holes": True,
-                                "vmm_exact_gpa": True, "proactive_sync": True,
-                                "notify_one_vcpu": True}
+# The profile is faultline-vmm: what the kvm backend is (docs/linux-qemu.md).
+MODEL_PARAMS: dict[str, Any] = {"profile": "faultline-vmm", "async_without_pv": False,
+                                "uffd_sigbus_holes": True, "vmm_exact_gpa": True,
+                                "proactive_sync": True, "notify_one_vcpu": True}
 # With several vCPUs the real vCPUs run in parallel: the kvm outcome is one interleaving.
 # It conforms if the model reaches it under some schedule: round-robin first, then these
 # seeded random schedules.
@@ -120,7 +121,7 @@ def view(outcome: Outcome, run_dir: str | None = None) -> dict[str, Any]:
             "fate": t.fate,
             "code": t.code,
             "signal": t.signal.code if t.signal else None,
-            "vaddr": hex(t.signal.vaddr) if t.signal else None,
+            "vaddr": hex(t.signal.vaddr) if t.signal and t.signal.vaddr is not None else None,
         }
     faults = sorted((_fault_view(f, run_dir) for f in outcome.faults),
                     key=lambda d: json.dumps(d, sort_keys=True))
@@ -179,8 +180,10 @@ def _run_dir(log: EventLog) -> str | None:
 
 
 def compare_pair(sc: Scenario, policy: str, *, events_dir: Path | None = None,
-                 watchdog_s: float = 10.0) -> Comparison:
-    """Run `sc` under `policy` on kvm and on the model and compare the outcomes."""
+                 watchdog_s: float = 10.0, profile: str = "faultline-vmm") -> Comparison:
+    """Run `sc` under `policy` on kvm and on the model (under `profile`) and compare the
+    outcomes."""
+    params = {**MODEL_PARAMS, "profile": profile}
     from faultline.model.simulate import simulate
     from faultline.vmm.runner import BackendError, run_kvm
 
@@ -200,35 +203,35 @@ def compare_pair(sc: Scenario, policy: str, *, events_dir: Path | None = None,
     finally:
         klog.close()
     msc = model_scenario(sc)
-    mout = simulate(msc, MODEL_DESIGN, policy, events_path=paths["model"], **MODEL_PARAMS)
+    mout = simulate(msc, MODEL_DESIGN, policy, events_path=paths["model"], **params)
     cmp.kvm = view(kout, _run_dir(klog))
     cmp.model = view(mout)
     cmp.differences = diff(cmp.kvm, cmp.model)
     if cmp.differences and sc.vcpus > 1:
         for seed in range(SCHEDULE_SEEDS):
-            alt = view(simulate(msc, MODEL_DESIGN, policy, seed=seed, **MODEL_PARAMS))
+            alt = view(simulate(msc, MODEL_DESIGN, policy, seed=seed, **params))
             if not diff(cmp.kvm, alt):
                 cmp.model, cmp.differences, cmp.schedule_seed = alt, [], seed
                 if paths["model"] is not None:  # keep the log of the schedule that matched
                     simulate(msc, MODEL_DESIGN, policy, seed=seed,
-                             events_path=paths["model"], **MODEL_PARAMS)
+                             events_path=paths["model"], **params)
                 break
         else:
-            found = _exhaustive_match(msc, policy, cmp.kvm)
+            found = _exhaustive_match(msc, policy, cmp.kvm, params)
             if found is not None:
                 cmp.model, names = found
                 cmp.differences, cmp.schedule_seed = [], -1
                 if paths["model"] is not None:
                     simulate(msc, MODEL_DESIGN, policy, schedule=names,
-                             events_path=paths["model"], **MODEL_PARAMS)
+                             events_path=paths["model"], **params)
     return cmp
 
 
 EXHAUSTIVE_MAX_STATES = 200_000
 
 
-def _exhaustive_match(msc: Scenario, policy: str,
-                      kvm: dict[str, Any]) -> tuple[dict[str, Any], list[str]] | None:
+def _exhaustive_match(msc: Scenario, policy: str, kvm: dict[str, Any],
+                      params: dict[str, Any]) -> tuple[dict[str, Any], list[str]] | None:
     """Seeded schedules are a sample; real vCPUs under load can interleave in a way none of
     them hit. So explore every schedule (the checker's BFS) and try each distinct final
     state: replay the shortest path to it through the simulator and compare the full
@@ -237,7 +240,7 @@ def _exhaustive_match(msc: Scenario, policy: str,
     from faultline.model.simulate import simulate
     from faultline.model.system import System
 
-    system = System(msc, MODEL_DESIGN, policy, **MODEL_PARAMS)
+    system = System(msc, MODEL_DESIGN, policy, **params)
     g = explore(system, max_states=EXHAUSTIVE_MAX_STATES, timeout_s=60)
     for sid, state in enumerate(g.states):
         if not system.is_done(state):
@@ -247,19 +250,20 @@ def _exhaustive_match(msc: Scenario, policy: str,
         for a, b in itertools.pairwise(path):
             nxt = g.states[b]
             names.append(next(n for n, t in system.actions(g.states[a]) if t == nxt))
-        alt = view(simulate(msc, MODEL_DESIGN, policy, schedule=names, **MODEL_PARAMS))
+        alt = view(simulate(msc, MODEL_DESIGN, policy, schedule=names, **params))
         if not diff(kvm, alt):
             return alt, names
     return None
 
 
 def conform(scenarios: Iterable[Scenario], *, policies: Sequence[str] | None = None,
-            events_dir: Path | None = None) -> list[Comparison]:
+            events_dir: Path | None = None, profile: str = "faultline-vmm"
+            ) -> list[Comparison]:
     """Every scenario under every policy it lists (or `policies`)."""
     out = []
     for sc in scenarios:
         for policy in policies or sc.policies:
-            out.append(compare_pair(sc, policy, events_dir=events_dir))
+            out.append(compare_pair(sc, policy, events_dir=events_dir, profile=profile))
     return out
 
 
@@ -273,7 +277,8 @@ class ConformRun:
 def conform_interruptible(scenarios: Sequence[Scenario], *,
                           policies: Sequence[str] | None = None,
                           events_dir: Path | None = None,
-                          progress: bool = False) -> ConformRun:
+                          progress: bool = False, profile: str = "faultline-vmm"
+                          ) -> ConformRun:
     """As :func:`conform`, but Ctrl-C (or SIGTERM) stops it at once and keeps the pairs
     compared so far; ``progress`` shows a progress bar on stderr (for a terminal)."""
     from faultline.vmm.runner import Interrupted
@@ -291,7 +296,8 @@ def conform_interruptible(scenarios: Sequence[Scenario], *,
         for sc, policy in pairs:
             if bar is not None:
                 bar.update(task, description=f"{sc.name} [{policy}]")
-            run.results.append(compare_pair(sc, policy, events_dir=events_dir))
+            run.results.append(compare_pair(sc, policy, events_dir=events_dir,
+                                            profile=profile))
             if bar is not None:
                 bar.advance(task)
     except (KeyboardInterrupt, Interrupted):
@@ -320,7 +326,8 @@ def _tasks_cell(v: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def render(comparisons: Sequence[Comparison], console: Any = None) -> None:
+def render(comparisons: Sequence[Comparison], console: Any = None,
+           profile: str = "faultline-vmm") -> None:
     """A table (one row per scenario x policy) and, below it, every difference."""
     from rich.table import Table
 
@@ -328,7 +335,7 @@ def render(comparisons: Sequence[Comparison], console: Any = None) -> None:
 
     con = console or make_console()  # a log or a pipe: the table is not folded to 80
     table = Table(title="faultline conform: kvm (this host) vs model (memory-fault-exit, "
-                        "APF off)", show_lines=False)
+                        f"APF off, profile {profile})", show_lines=False)
     for col in ("scenario", "policy", "vm", "tasks", "offlined", "exits", "faults", "result"):
         table.add_column(col, overflow="fold", min_width=34 if col == "tasks" else None)
     for c in comparisons:

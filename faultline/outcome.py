@@ -21,11 +21,11 @@ OUTCOME_KEYS = ("scenario", "backend", "profile", "design", "policy", "vm", "tas
 
 @dataclass(slots=True)
 class Signal:
-    code: str  # "BUS_MCEERR_AR", "BUS_MCEERR_AO", "SEGV_MAPERR", ...
-    vaddr: int
+    code: str  # "BUS_MCEERR_AR", "BUS_MCEERR_AO", "SEGV_MAPERR", "SI_KERNEL", ...
+    vaddr: int | None  # None: the signal carries no address (SI_KERNEL)
 
     def to_json(self) -> dict[str, Any]:
-        return {"code": self.code, "vaddr": hex(self.vaddr)}
+        return {"code": self.code, "vaddr": None if self.vaddr is None else hex(self.vaddr)}
 
 
 @dataclass(slots=True)
@@ -133,8 +133,9 @@ def mismatches(outcome: Outcome, expect: Expectation | None) -> list[str]:
             out.append(f"tasks.{name}.signal: expected {te.signal}, "
                        f"got {got.signal.code if got.signal else None}")
         if te.vaddr is not None and (got.signal is None or got.signal.vaddr != te.vaddr):
+            got_vaddr = got.signal.vaddr if got.signal else None
             out.append(f"tasks.{name}.signal.vaddr: expected {te.vaddr:#x}, "
-                       f"got {hex(got.signal.vaddr) if got.signal else None}")
+                       f"got {None if got_vaddr is None else hex(got_vaddr)}")
     if expect.offlined is not None and sorted(outcome.offlined) != list(expect.offlined):
         out.append(f"offlined: expected {[hex(g) for g in expect.offlined]}, "
                    f"got {[hex(g) for g in sorted(outcome.offlined)]}")

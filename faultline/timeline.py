@@ -125,15 +125,16 @@ def summary(outcome: Outcome, con: Console) -> None:
                 else "bold red")
     if outcome.reason:
         head.append(f" ({outcome.reason})")
-    head.append(f"   backend {outcome.backend}, design {outcome.design}, "
-                f"policy {outcome.policy}")
+    head.append(f"   backend {outcome.backend}, profile {outcome.profile}, "
+                f"design {outcome.design}, policy {outcome.policy}")
     con.print(head, soft_wrap=True)
     for name, t in outcome.tasks.items():
         desc = t.fate
         if t.code is not None:
             desc += f" code {t.code}"
         if t.signal is not None:
-            desc += f" {t.signal.code} at {t.signal.vaddr:#x}"
+            desc += f" {t.signal.code}" + ("" if t.signal.vaddr is None
+                                           else f" at {t.signal.vaddr:#x}")
         con.print(f"  task {name:<12} {desc}", soft_wrap=True)
     if outcome.offlined:
         con.print("  offlined: " + ", ".join(hex(g) for g in sorted(outcome.offlined)),

@@ -255,8 +255,12 @@ def build(events: Iterable[dict[str, Any]], tasks: Sequence[str] = ()) -> dict[s
                 continue  # a lone start: no arrow to draw
             last = dict(last, ph="f", bp="e")
             b.out.append(last)
+    # The profile the run describes (docs/linux-qemu.md): the model says it in model_start
+    # and in its outcome; the real backends are faultline's own VMM and guest.
+    profile = next((e["profile"] for e in evs if e.get("kind") == "model_start"
+                    and "profile" in e), "faultline-vmm")
     return {"traceEvents": b.metadata() + b.out, "displayTimeUnit": "ms",
-            "otherData": {"generator": "faultline",
+            "otherData": {"generator": "faultline", "profile": profile,
                           "clock": "t_us" if evs and "t_us" in evs[0] else "step"}}
 
 

@@ -1,5 +1,9 @@
-"""``faultline check [SCENARIO ...] [--design D ...] [--policy P ...] [--json] [--workers N]
-[--max-states N] [--timeout S] [--counterexample PROPERTY]``.
+"""``faultline check [SCENARIO ...] [--design D ...] [--policy P ...] [--profile P ...]
+[--json] [--workers N] [--max-states N] [--timeout S] [--counterexample PROPERTY]``.
+
+With no scenario: the standard configurations (CONFIGURATIONS: the seed's race, a
+kernel-mode access, a guest without PV APF, poison racing an async PF, a task that may
+be woken on another vCPU, a hole punched and refilled), one matrix each.
 
 Exit codes: 0 the matrix was checked (failing properties are results, not errors), 2 bad
 input, 3 an internal error, 130 interrupted (the cells finished so far are printed).
@@ -14,9 +18,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from faultline.scenario import DESIGNS, POLICIES, ScenarioError, load
+from faultline.scenario import DESIGNS, POLICIES, PROFILES, ScenarioError, load
 
-DEFAULT_SCENARIO = Path(__file__).resolve().parents[2] / "scenarios" / "check-standard.toml"
+_SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
+DEFAULT_SCENARIO = _SCENARIOS / "check-standard.toml"
+# The standard configurations (docs/checker.md), in the order they are printed.
+CONFIGURATIONS = (DEFAULT_SCENARIO, _SCENARIOS / "check-kernel.toml",
+                  _SCENARIOS / "check-nopv.toml", _SCENARIOS / "model" / "check-poison.toml",
+                  _SCENARIOS / "check-migrate.toml", _SCENARIOS / "check-hole.toml")
 
 
 class _Several(argparse.Action):
@@ -29,7 +38,7 @@ class _Several(argparse.Action):
         chosen = list(getattr(namespace, self.dest) or [])
         extra = list(getattr(namespace, "more_scenarios", None) or [])
         what = self.dest
-        names = DESIGNS if what == "design" else POLICIES
+        names = {"design": DESIGNS, "policy": POLICIES, "profile": PROFILES}[what]
         for v in values:
             for item in str(v).split(","):
                 if item in names:
@@ -52,7 +61,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "input, 130 when interrupted. A cell where a bound (--max-states, --timeout) was "
         "hit is shown as incomplete.")
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                   help=f"scenario TOML files (default: {DEFAULT_SCENARIO.name})")
+                   help="scenario TOML files (default: the standard configurations, "
+                        + ", ".join(c.stem for c in CONFIGURATIONS) + ")")
     p.add_argument("--design", nargs="+", action=_Several, metavar="DESIGN",
                    help=f"one or more of: {', '.join(DESIGNS)} "
                                          "(default: all)")
@@ -62,6 +72,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--policy", nargs="+", action=_Several, metavar="POLICY",
                    help=f"one or more of: {', '.join(POLICIES)} "
                                           "(default: all)")
+    p.add_argument("--profile", nargs="+", action=_Several, metavar="PROFILE",
+                   help=f"one or more of: {', '.join(PROFILES)} (docs/linux-qemu.md; "
+                        "default: a scenario's own [vm] profile, else linux-qemu)")
     p.add_argument("--json", action="store_true",
                    help="print the matrix as JSON (run --replay takes this file)")
     p.add_argument("--workers", type=positive_int, default=None,
@@ -86,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
     properties = [p.name for p in DECLARED]  # the model declares them
 
     paths = [Path(s) for s in [*args.scenarios, *(getattr(args, "more_scenarios", None) or [])]]
-    paths = paths or [DEFAULT_SCENARIO]
+    paths = paths or list(CONFIGURATIONS)
     unknown = [n for n in args.counterexample if n not in properties]
     if unknown:
         print(f"faultline: error: --counterexample: unknown property {unknown[0]!r} "
@@ -105,7 +118,8 @@ def main(args: argparse.Namespace) -> int:
         result = check_matrix([str(p) for p in paths], designs, args.policy,
                               args.workers, max_states=args.max_states,
                               timeout_s=args.timeout,
-                              progress=not args.json and sys.stderr.isatty())
+                              progress=not args.json and sys.stderr.isatty(),
+                              profiles=args.profile)
     except DesignError as e:  # a design file's hook failed in a cell: the user's input
         print(f"faultline: error: {e}", file=sys.stderr)
         return 2
@@ -120,7 +134,8 @@ def main(args: argparse.Namespace) -> int:
             for name in args.counterexample:
                 prop = c["properties"].get(name)
                 if prop and prop["holds"] is False:
-                    print(f"\n{c['scenario']} {c['design']} {c['policy']}: {name} fails "
+                    print(f"\n{c['scenario']} [{c['profile']}] {c['design']} {c['policy']}: "
+                          f"{name} fails "
                           f"({prop.get('kind', '')}: {prop.get('note', '')})")
                     print(format_counterexample(prop["counterexample"]))
     if result.get("interrupted"):

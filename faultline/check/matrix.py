@@ -31,7 +31,7 @@ MATRIX_POLICIES = POLICIES
 
 
 def check_cell(scenario_path: str, design: str, policy: str, max_states: int = 5_000_000,
-               timeout_s: float | None = None) -> dict[str, Any]:
+               timeout_s: float | None = None, profile: str | None = None) -> dict[str, Any]:
     """One cell, in whatever process runs it (picklable arguments, JSON-able result)."""
     from faultline.check.properties import check_system
     from faultline.model import System
@@ -40,9 +40,10 @@ def check_cell(scenario_path: str, design: str, policy: str, max_states: int = 5
     # Symmetry reduction on (a no-op unless the scenario has interchangeable tasks: see
     # System._symmetry_groups); a counterexample then replays with canonical=True.
     # `design`: a shipped design's name or a design file (.py), loaded in this process.
-    system = System(sc, design, policy, symmetry=True)
+    system = System(sc, design, policy, symmetry=True, profile=profile)
     r = check_system(system, max_states=max_states, timeout_s=timeout_s)
-    cell: dict[str, Any] = {"design": system.design, "policy": policy, "scenario": sc.name}
+    cell: dict[str, Any] = {"design": system.design, "policy": policy, "scenario": sc.name,
+                            "profile": system.profile}
     cell.update(r.to_json())
     cell["explore_seconds"] = round(r.explore_seconds, 3)
     return cell
@@ -134,13 +135,15 @@ class _Workers:
 def check_matrix(scenario_paths: Sequence[str | Path], designs: Sequence[str] | None = None,
                  policies: Sequence[str] | None = None, workers: int | None = None, *,
                  max_states: int = 5_000_000, timeout_s: float | None = None,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, profiles: Sequence[str | None] | None = None
+                 ) -> dict[str, Any]:
     """Every cell, in parallel processes. Ctrl-C (KeyboardInterrupt) stops at once: the
     workers are killed and the result holds the cells finished so far, with
-    ``"interrupted": true``."""
+    ``"interrupted": true``. ``profiles``: each scenario under each (None: the scenario's
+    own ``[vm] profile``, else the model's default, linux-qemu)."""
     designs = list(designs or MATRIX_DESIGNS)
     policies = list(policies or MATRIX_POLICIES)
-    jobs = [(str(p), d, pol, max_states, timeout_s)
+    jobs = [(str(p), d, pol, max_states, timeout_s, prof) for prof in (profiles or [None])
             for p in scenario_paths for d in designs for pol in policies]
     workers = workers or os.cpu_count() or 1
     t0 = time.perf_counter()
@@ -194,21 +197,21 @@ def failing(cell: dict[str, Any]) -> list[str]:
 
 
 def render(result: dict[str, Any], console: Any = None) -> None:
-    """Rows = designs, columns = policies, one table per scenario; each cell lists its
-    failing properties (green "ok" when all hold; "incomplete" and a yellow "?" per property
-    a bound left unproven)."""
+    """Rows = designs, columns = policies, one table per scenario and profile; each cell
+    lists its failing properties (green "ok" when all hold; "incomplete" and a yellow "?"
+    per property a bound left unproven)."""
     from rich.table import Table
 
     from faultline.timeline import make_console
 
     console = console or make_console()
-    by_scenario: dict[str, list[dict[str, Any]]] = {}
+    by_scenario: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for c in result["cells"]:
-        by_scenario.setdefault(c["scenario"], []).append(c)
-    for name, cells in by_scenario.items():
+        by_scenario.setdefault((c["scenario"], c.get("profile", "")), []).append(c)
+    for (name, profile), cells in by_scenario.items():
         designs = list(dict.fromkeys(c["design"] for c in cells))
         policies = list(dict.fromkeys(c["policy"] for c in cells))
-        table = Table(title=f"{name}: failing properties", show_lines=True)
+        table = Table(title=f"{name} [{profile}]: failing properties", show_lines=True)
         table.add_column("design \\ policy")
         for p in policies:
             table.add_column(p)

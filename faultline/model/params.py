@@ -62,6 +62,36 @@ class Params:
     # matrix turns it on.
     symmetry: bool = False
 
+    # --- Linux + QEMU behaviours (docs/linux-qemu.md; the profile sets them) -----------
+    # Difference 2: a timer interrupt ends an artificial halt (vcpu_block():
+    # kvm_vcpu_has_events()) and the guest may schedule another task: always from user
+    # mode, from a kernel-mode access only with full preemption (``preempt``).
+    timer_ends_halt: bool = False
+    # The guest's preemption model: "none" | "voluntary" (PREEMPT_NONE / _VOLUNTARY: no
+    # preemption on return from an interrupt to kernel mode) | "full" (CONFIG_PREEMPT).
+    preempt: str = "voluntary"
+    # Difference 3: the page-ready prefetch meeting a poisoned page sends SIGBUS
+    # BUS_MCEERR_AR to the vCPU thread (kvm_handle_error_pfn() ->
+    # kvm_send_hwpoison_signal()), whatever the guest runs. False: its failure is dropped
+    # like -EFAULT.
+    prefetch_hwpoison_sigbus: bool = False
+    # Difference 4: an SRAO is logged in #MC context and memory_failure() runs later from
+    # a workqueue (mce_gen_pool_process() -> uc_decode_notifier()). False: inside the #MC
+    # handler.
+    srao_workqueue: bool = False
+    # Difference 5: a store to a read-only window. "sigsegv": faultline's VMM refuses it
+    # (one exit, SIGSEGV SEGV_ACCERR to the writer); "mmio-discard": KVM emulates it into
+    # a KVM_EXIT_MMIO write that QEMU drops (the writer runs on).
+    readonly_store: str = "sigsegv"
+    # Difference 6: how apf-error-to-guest reports. "faultline": the page-ready prefetch's
+    # failure, SIGBUS BUS_ADRERR at the task's address; "vivek-2020": the worker's gup
+    # result, SIGBUS SI_KERNEL with no address, and an error that could not be injected
+    # is remembered (one gfn per vCPU) so its next fault is synchronous.
+    apf_error_report: str = "faultline"
+    # Difference 8: the address an SRAR-driven SIGBUS reports. "exact": MCi_ADDR's byte
+    # (faultline's guest); "page": the page (Linux's kill_proc(), page_address_in_vma()).
+    srar_kill_vaddr: str = "exact"
+
     @classmethod
     def make(cls, **params: Any) -> Params:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -75,6 +105,12 @@ class Params:
             raise ValueError("async_pf_per_vcpu must not exceed hash_size")
         if p.token_alloc not in ("lowest-free", "counter"):
             raise ValueError("token_alloc must be 'lowest-free' or 'counter'")
+        for name, choices in (("preempt", ("none", "voluntary", "full")),
+                              ("readonly_store", ("sigsegv", "mmio-discard")),
+                              ("apf_error_report", ("faultline", "vivek-2020")),
+                              ("srar_kill_vaddr", ("exact", "page"))):
+            if getattr(p, name) not in choices:
+                raise ValueError(f"{name} must be one of: {', '.join(choices)}")
         return p
 
     def as_dict(self) -> dict[str, Any]:
@@ -82,3 +118,23 @@ class Params:
 
 
 DEFAULT_PARAMS: dict[str, Any] = Params().as_dict()
+
+
+# What each profile sets (docs/linux-qemu.md); explicit parameters override it. The
+# dataclass defaults above are faultline-vmm: faultline's own VMM and guest.
+PROFILE_PARAMS: dict[str, dict[str, Any]] = {
+    "linux-qemu": {
+        # 1: QEMU's in-kernel LAPIC and Linux's IF=1 system calls: kvm_can_do_async_pf()
+        # holds for kernel-mode accesses and for a guest without PV APF.
+        "kernel_irqs_on": True,
+        "async_without_pv": True,
+        "timer_ends_halt": True,
+        "prefetch_hwpoison_sigbus": True,
+        "srao_workqueue": True,
+        "readonly_store": "mmio-discard",
+        "apf_error_report": "vivek-2020",
+        "srar_kill_vaddr": "page",
+    },
+    "faultline-vmm": {},
+}
+DEFAULT_PROFILE = "linux-qemu"

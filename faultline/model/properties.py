@@ -7,7 +7,7 @@ evaluates it once per distinct record; System's label methods (``vm_aborted``,
 from __future__ import annotations
 
 from faultline.check.contract import LIVENESS, SAFETY, Property
-from faultline.model.state import TS_SIGBUS, Guest, Task, Vmm
+from faultline.model.state import TS_KILLED, TS_SIGBUS, Guest, Task, Vmm
 
 # first_access_reported: a task's access to a bad page may fail at most this many times
 # before it is reported (an exit to userspace, or a guest SIGBUS): the first try plus one
@@ -25,7 +25,8 @@ def _fabricated(guest: Guest) -> bool:
 
 
 def _imprecise(tk: Task) -> bool:
-    return tk.status >= TS_SIGBUS and not tk.touched  # TS_SIGBUS or TS_KILLED
+    # (a writer refused by a read-only memslot, TS_SIGSEGV, is no kill for a bad page)
+    return (tk.status == TS_SIGBUS or tk.status == TS_KILLED) and not tk.touched
 
 
 def _repeated_exit(vmm: Vmm) -> bool:
@@ -34,6 +35,10 @@ def _repeated_exit(vmm: Vmm) -> bool:
 
 def _unreported(tk: Task) -> bool:
     return tk.fails > FIRST_ACCESS_MAX_TRIES
+
+
+def _wrong_victim(guest: Guest) -> bool:
+    return guest.wrong_mce > 0
 
 
 PROPERTIES: tuple[Property, ...] = (
@@ -51,4 +56,7 @@ PROPERTIES: tuple[Property, ...] = (
     Property("first_access_reported", SAFETY,
              f"an access to a bad page fails at most {FIRST_ACCESS_MAX_TRIES} times before "
              "an exit or a guest SIGBUS reports it", "task", _unreported),
+    Property("right_victim", SAFETY,
+             "a machine check interrupts only the context whose access touched the page, "
+             "and the guest never panics on one", "guest", _wrong_victim),
 )

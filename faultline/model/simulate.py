@@ -15,9 +15,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from faultline import abi
 from faultline.model.design import Design
-from faultline.model.state import TS_EXITED, TS_KILLED, TS_SIGBUS, State
+from faultline.model.state import TS_EXITED, TS_KILLED, TS_SIGBUS, TS_SIGSEGV, State
 from faultline.model.system import System
 from faultline.outcome import EventLog, FaultRecord, Outcome, Signal, TaskOutcome
 from faultline.scenario import Scenario
@@ -40,7 +39,8 @@ def simulate(scenario: Scenario, design: str | Design, policy: str, *, seed: int
     try:
         sink = _Recorder(log)
         system = System(scenario, design, policy, sink=sink, **params)
-        outcome = Outcome(scenario.name, "model", system.design, policy, events_path=log.path)
+        outcome = Outcome(scenario.name, "model", system.design, policy, events_path=log.path,
+                          profile=system.profile)
         sink.outcome = outcome
         _run(system, log, outcome, seed, max_steps, livelock_visits, schedule or [], sink)
     finally:
@@ -67,7 +67,7 @@ class _Recorder:
              **fields: Any) -> None:
         ev = self.log.emit(kind, vcpu=vcpu, task=task, **fields)
         if kind == "kvm_exit" and self.outcome is not None:
-            self.outcome.count_exit("memory_fault")
+            self.outcome.count_exit(fields.get("exit", "memory_fault"))
         elif kind == "vmm_resolve":
             self.records.append(ev)
 
@@ -76,17 +76,23 @@ def _run(system: System, log: EventLog, outcome: Outcome, seed: int | None, max_
          livelock_visits: int, schedule: list[str], sink: _Recorder) -> None:
     sc = system.sc
     actors = ([f"vcpu{v}" for v in range(sc.vcpus)] + [f"async{v}" for v in range(sc.vcpus)]
-              + ["vmm"])
+              + ["vmm", "kworker"])
     actor_pos = {a: i for i, a in enumerate(actors)}
     rng = random.Random(seed) if seed is not None else None
     ptr = 0
-    log.emit("model_start", design=system.design, policy=system.policy,
+    log.emit("model_start", profile=system.profile, design=system.design, policy=system.policy,
              params=system.params.as_dict())
     state = system.init()
     seen: dict[Any, int] = {}
     visits: dict[Any, int] = {}
     history: list[str] = []
     vm = None
+    # Under a profile whose guest takes timer interrupts during an artificial halt
+    # (linux-qemu), host I/O is slower than the guest's tick: the round-robin schedule
+    # gives each async work item one round of latency before its worker runs, so the
+    # timer's effect shows in a simulation too (the checker explores every order).
+    slow_io = system.timer_ends_halt
+    passed: set[Any] = set()  # async work classes the schedule has passed over once
     while True:
         if system.is_done(state):
             vm = "aborted" if system.vm_aborted(state) else "completed"
@@ -110,7 +116,10 @@ def _run(system: System, log: EventLog, outcome: Outcome, seed: int | None, max_
             if len(history) == len(schedule):
                 log.emit("replay_end", steps=len(schedule))
             continue
-        key = (state, ptr) if rng is None else state
+        en = system.enabled(state)
+        if slow_io:
+            passed &= {item[1] for item in en if _actor(item[1]).startswith("async")}
+        key = (state, ptr, frozenset(passed)) if rng is None else state
         if rng is None:
             if key in seen:
                 _livelock(log, outcome, history[seen[key]:])
@@ -126,20 +135,22 @@ def _run(system: System, log: EventLog, outcome: Outcome, seed: int | None, max_
                 vm = "hung"
                 break
             seen[key] = len(history)
-        en = system.enabled(state)
         if not en:
             vm = "hung"
             outcome.reason = "deadlock: no enabled action"
             log.emit("deadlock")
             break
         if rng is None:
-            best = None
-            for item in en:
-                d = (actor_pos[_actor(item[1])] - ptr) % len(actors)
-                if best is None or d < best[0]:
-                    best = (d, item)
-            assert best is not None
-            name, cls, fn, args = best[1]
+            order = sorted(en, key=lambda item: (actor_pos[_actor(item[1])] - ptr) % len(actors))
+            pick = order[0]
+            if slow_io:
+                # An async worker whose turn comes for the first time waits one round.
+                for item in order:
+                    if not _actor(item[1]).startswith("async") or item[1] in passed:
+                        pick = item
+                        break
+                    passed.add(item[1])
+            name, cls, fn, args = pick
             ptr = (actor_pos[_actor(cls)] + 1) % len(actors)
         else:
             name, _cls, fn, args = en[rng.randrange(len(en))]
@@ -169,10 +180,9 @@ def _fill(system: System, state: State, outcome: Outcome, records: list[dict[str
         st = tk.status
         if st == TS_EXITED:
             outcome.tasks[name] = TaskOutcome("exited", tk.result)
-        elif st == TS_SIGBUS:
-            code, vaddr = tk.result
-            outcome.tasks[name] = TaskOutcome(
-                "sigbus", None, Signal(abi.SI_CODES.get((abi.SIGBUS, code), str(code)), vaddr))
+        elif st in (TS_SIGBUS, TS_SIGSEGV):
+            fate, code, vaddr = system.task_fate(state, t)
+            outcome.tasks[name] = TaskOutcome(fate, None, Signal(code, vaddr))
         elif st == TS_KILLED:
             outcome.tasks[name] = TaskOutcome("killed")
         elif system.vm_aborted(state):

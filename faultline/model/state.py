@@ -56,7 +56,9 @@ class Vcpu(NamedTuple):
     requests: int  # request bitmask (kvm.REQ_*)
     design: Any  # the design's own per-vCPU state (Design.vcpu_init; () when unused)
     exit: Exit | tuple[()]  # () while in the guest
-    mce_queue: tuple[tuple[int, bool], ...]  # MCEs the VMM still injects: (gpa, SRAR)
+    # MCEs the VMM still injects: (gpa, SRAR, the task whose context an SRAR interrupts:
+    # the one the vCPU exited from, -1 for none or an SRAO)
+    mce_queue: tuple[tuple[int, bool, int], ...]
     apf_id: int  # vcpu->arch.apf.id (token_alloc="counter"), else 1
 
 
@@ -86,6 +88,12 @@ class Guest(NamedTuple):
     offlined: int  # bitmask of gidx frames taken offline by memory_failure
     ring: tuple[RingRecord, ...]  # undrained notification records
     bad_reads: int  # accesses completed from a page that cannot back them (must stay 0)
+    # SRARs taken by a context that did not touch the page, or a panic on one (the
+    # right_victim label; must stay 0).
+    wrong_mce: int
+    # Pages whose SRAO memory_failure() the guest's workqueue still has to run (bitmask of
+    # gidx; Params.srao_workqueue).
+    mf_pending: int
 
 
 class Vmm(NamedTuple):
@@ -122,8 +130,9 @@ TS_SLEEP = 1
 TS_EXITED = 2
 TS_SIGBUS = 3
 TS_KILLED = 4
-FINISHED = (TS_EXITED, TS_SIGBUS, TS_KILLED)
-TASK_STATUS = ("run", "sleep", "exited", "sigbus", "killed")
+TS_SIGSEGV = 5  # result: (si_code, vaddr)
+FINISHED = (TS_EXITED, TS_SIGBUS, TS_KILLED, TS_SIGSEGV)
+TASK_STATUS = ("run", "sleep", "exited", "sigbus", "killed", "sigsegv")
 
 
 def sparse_inc(pairs: tuple[tuple[int, int], ...], key: int,

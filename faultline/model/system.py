@@ -34,7 +34,7 @@ from faultline.model import hostmm as H
 from faultline.model import kvm as K
 from faultline.model import vmm as M
 from faultline.model.design import Design
-from faultline.model.params import DEFAULT_PARAMS, Params
+from faultline.model.params import DEFAULT_PARAMS, DEFAULT_PROFILE, PROFILE_PARAMS, Params
 from faultline.model.properties import PROPERTIES
 from faultline.model.state import (
     EXIT_BARE_EFAULT,
@@ -52,6 +52,7 @@ from faultline.model.state import (
     TS_KILLED,
     TS_RUN,
     TS_SIGBUS,
+    TS_SIGSEGV,
     TS_SLEEP,
     ApfDone,
     ApfWork,
@@ -92,6 +93,11 @@ class Access(NamedTuple):
 
 R_OK, R_RETRY, R_SLEEP, R_EXIT, R_DEAD = range(5)
 
+SI_KERNEL = 0x80  # include/uapi/asm-generic/siginfo.h: sent by the kernel (SEND_SIG_PRIV)
+SEGV_ACCERR = 2  # include/uapi/asm-generic/siginfo.h: invalid permissions for the object
+SIGBUS_CODES = {abi.BUS_ADRERR: "BUS_ADRERR", abi.BUS_MCEERR_AR: "BUS_MCEERR_AR",
+                abi.BUS_MCEERR_AO: "BUS_MCEERR_AO", SI_KERNEL: "SI_KERNEL"}
+
 
 class EventSink(Protocol):
     """Where the model's events go (faultline.outcome.EventLog is one)."""
@@ -108,18 +114,28 @@ class System:
     # these per (action, args, those records) (check/adapter.py): ~96% of edges are then
     # one dict lookup. FAULTLINE_CHECK_MEMO=1 asserts both sides on every edge.
     VCPU_LOCAL_ACTIONS = frozenset(("_step", "_async_execute", "_apf_ready",
-                                    "_request_exit", "_vmm_exit"))
+                                    "_request_exit", "_vmm_exit", "_timer_tick"))
     properties = PROPERTIES  # the checker's contract: faultline.check.contract.Model
 
     def __init__(self, scenario: Scenario, design: str | Design, policy: str, *,
-                 sink: EventSink | None = None, **params: Any) -> None:
+                 sink: EventSink | None = None, profile: str | None = None,
+                 **params: Any) -> None:
         from faultline.model.designs import get_design
 
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r} (one of: {', '.join(POLICIES)})")
         self.d: Design = design if isinstance(design, Design) else get_design(design)
         self.design = self.d.name
-        self.params = p = Params.make(**params)
+        # The profile (docs/linux-qemu.md) sets the behaviours it stands for; explicit
+        # parameters override it.
+        self.profile = profile or scenario.profile or DEFAULT_PROFILE
+        if self.profile not in PROFILE_PARAMS:
+            raise ValueError(f"unknown profile {self.profile!r} "
+                             f"(one of: {', '.join(PROFILE_PARAMS)})")
+        base = dict(PROFILE_PARAMS[self.profile])
+        if scenario.preempt is not None:
+            base["preempt"] = scenario.preempt
+        self.params = p = Params.make(**{**base, **params})
         self.sc = scenario
         self.policy = policy
         self.sink = sink
@@ -136,6 +152,9 @@ class System:
         self.exact_gpa = p.vmm_exact_gpa
         self.proactive_sync = p.proactive_sync and policy == "proactive"
         self.notify_one_vcpu = p.notify_one_vcpu
+        self.timer_ends_halt = p.timer_ends_halt
+        self.full_preempt = p.preempt == "full"
+        self.read_only = tuple(f.readonly for f in scenario.files)
 
         # Window pages get a global index (gidx) for bitmasks.
         self.files = scenario.files
@@ -192,7 +211,7 @@ class System:
         # The memo footprint of VCPU_LOCAL_ACTIONS (the checker's contract).
         self.memo_footprint = MemoFootprint(self.VCPU_LOCAL_ACTIONS, self.by_vcpu,
                                             ("files", "mem", "guest", "vmm", "fired"),
-                                            ("files", "vmm"))
+                                            ("files", "guest", "vmm"))
 
         # Symmetry: the explorer canonicalises every state it meets if `canonical` is
         # not None (an instance attribute, so it is absent when there is nothing to gain).
@@ -319,7 +338,10 @@ class System:
             ex = vc.exit
             if ex and ex.task >= 0:
                 ex = ex._replace(task=rename.get(ex.task, ex.task))
-            vl[v] = vc._replace(cur=best[1], exit=ex)
+            mceq = vc.mce_queue
+            if mceq:
+                mceq = tuple((gpa, ar, rename.get(ctx, ctx)) for gpa, ar, ctx in mceq)
+            vl[v] = vc._replace(cur=best[1], exit=ex, mce_queue=mceq)
         if rename is None:
             return s
         guest = s.guest
@@ -337,7 +359,7 @@ class System:
                       for _ in range(self.sc.vcpus))
         tasks = tuple(Task(TS_RUN, 0, 0, (0,) * len(self.loop_index[t.index]), 0, 0, 0, 0, 0)
                       for t in self.tasks)
-        guest = Guest(0, (), 0)
+        guest = Guest(0, (), 0, 0, 0)
         vmm = Vmm("", 0, tuple((f.size, 0) for f in self.files), (), ())
         s = State(files, (), vcpus, tasks, guest, vmm, 0)
         for e in self.start_events:
@@ -357,9 +379,7 @@ class System:
             return out
         for v in range(len(s.vcpus)):
             out += self.enabled_vcpu(s, v, names)
-        if self.policy == "proactive":
-            out += self.enabled_global(s, names)
-        return out
+        return out + self.enabled_global(s, names)
 
     def enabled_vcpu(self, s: State, v: int, names: bool = True
                      ) -> list[tuple[str | None, Hashable, Callable[..., State], tuple]]:
@@ -407,6 +427,9 @@ class System:
                                 f"{self.tasks[t].program[tk.pc].text}" if names else None,
                                 va, self._step, (v, pos, t)))
                     break
+        elif self.timer_ends_halt and self._timer_reschedules(s, v):
+            out.append(((f"vcpu{v} timer interrupt ends the artificial halt" if names
+                         else None), va, self._timer_tick, (v,)))
         for item in vc.apf_queue:
             out.append((f"async_pf_execute vcpu{v} token={item.token:#x}" if names else None,
                         (self._async_actor[v], item.token, item.gfn),
@@ -415,11 +438,19 @@ class System:
 
     def enabled_global(self, s: State, names: bool = True
                        ) -> list[tuple[str | None, Hashable, Callable[..., State], tuple]]:
-        """The proactive VMM's file watcher: one action per file it has not seen as it
-        is now. Reads only the files and the vmm records."""
+        """The guest's memory_failure() workqueue (linux-qemu's deferred SRAO: one page
+        at a time), then the proactive VMM's file watcher: one action per file it has not
+        seen as it is now. Reads only the files, the guest and the vmm records."""
         out: list[tuple[str | None, Hashable, Callable[..., State], tuple]] = []
         vmm = s.vmm
-        if vmm.abort or self.policy != "proactive":
+        if vmm.abort:
+            return out
+        pending = s.guest.mf_pending
+        if pending:
+            g = (pending & -pending).bit_length() - 1
+            out.append(((f"guest kworker memory_failure gpa={self.gidx_gpa(g):#x}" if names
+                         else None), "kworker", self._guest_mf_work, (g,)))
+        if self.policy != "proactive":
             return out
         files = s.files
         for fi, known in enumerate(vmm.known):
@@ -458,7 +489,9 @@ class System:
             return ("exited", tk.result)
         if st == TS_SIGBUS:
             code, vaddr = tk.result
-            return ("sigbus", abi.SI_CODES.get((abi.SIGBUS, code), str(code)), vaddr)
+            return ("sigbus", SIGBUS_CODES.get(code, str(code)), vaddr)
+        if st == TS_SIGSEGV:
+            return ("sigsegv", "SEGV_ACCERR", tk.result[1])
         if st == TS_KILLED:
             return ("killed", tk.result)
         if st == TS_SLEEP:
@@ -486,6 +519,11 @@ class System:
         """Tasks whose current access to a bad page has failed (count, saturating): the
         "first failing access" counters; 0 once the access is resolved."""
         return {self.names[t]: tk.fails for t, tk in enumerate(s.tasks) if tk.fails}
+
+    def wrong_mce(self, s: State) -> int:
+        """SRARs taken by a context whose access did not touch the page, or a guest panic
+        on one (the right_victim label)."""
+        return s.guest.wrong_mce
 
     def offlined_gpas(self, s: State) -> set[int]:
         mask = s.guest.offlined
@@ -643,6 +681,35 @@ class System:
 
     # --- vCPU: pending work at entry -------------------------------------------------------
 
+    def _timer_reschedules(self, s: State, v: int) -> bool:
+        """vCPU v is halted artificially (KVM_REQ_APF_HALT): does a timer interrupt make
+        the guest run another task? vcpu_block() wakes on kvm_vcpu_has_events() (the
+        timer's interrupt: kvm_arch_interrupt_allowed() && kvm_cpu_has_interrupt()) and
+        clears apf.halted; the interrupt arrives at the faulting access. The guest's
+        irqentry_exit() reschedules a user-mode context always, a kernel-mode one only
+        with CONFIG_PREEMPT (irqentry_exit_cond_resched()). Left out when it changes
+        nothing: the same task would retry and halt again."""
+        mine = self.by_vcpu[v]
+        n = len(mine)
+        if n < 2:
+            return False
+        cur = s.vcpus[v].cur % n
+        tasks = s.tasks
+        tk = tasks[mine[cur]]
+        if tk.status == TS_RUN and not self.full_preempt:
+            accs = self.acc[mine[cur]][tk.pc]
+            if accs and not accs[tk.sub].user:
+                return False
+        return any(tasks[mine[(cur + i) % n]].status == TS_RUN for i in range(1, n))
+
+    def _timer_tick(self, s: State, v: int) -> State:
+        """The timer interrupt ends vCPU v's artificial halt and the guest's scheduler
+        moves on to the next task (the halted one stays runnable: it retries later)."""
+        vc = s.vcpus[v]
+        self.emit("guest_timer_reschedule", vcpu=v, task=self.current_task(s, v))
+        return self.set_vcpu(s, v, vc._replace(mode=MODE_RUN,
+                                               cur=(vc.cur + 1) % len(self.by_vcpu[v])))
+
     def _request_exit(self, s: State, v: int) -> State:
         """vcpu_enter_guest() with a design's request pending (Design.entry_requests)."""
         return self.d.vcpu_enter_guest(self, s, v)
@@ -659,9 +726,14 @@ class System:
         if nf is not s.files[fi]:
             s = self.set_file(s, fi, nf)
         failed = res != H.GUP_OK
+        # kvm_handle_error_pfn(): KVM_PFN_ERR_HWPOISON -> kvm_send_hwpoison_signal(): SIGBUS
+        # BUS_MCEERR_AR at the HVA to current, the vCPU thread, and RET_PF_RETRY, which is
+        # no error to a design that looks at the prefetch's result.
+        sigbus = res == H.GUP_HWPOISON and self.params.prefetch_hwpoison_sigbus
         self.emit("kvm_arch_async_page_ready", vcpu=v, token=hex(token), gpa=hex(gpa),
-                  prefetch="mapped" if not failed else "-EFAULT")
-        s = self.d.kvm_arch_async_page_ready(self, s, v, work, failed)
+                  prefetch="mapped" if not failed else
+                  "KVM_PFN_ERR_HWPOISON: SIGBUS to the vCPU thread" if sigbus else "-EFAULT")
+        s = self.d.kvm_arch_async_page_ready(self, s, v, work, failed and not sigbus)
         # kvm_arch_async_page_present()
         self.emit("kvm_async_pf_ready", vcpu=v, token=hex(token), gpa=hex(gpa))
         vc = s.vcpus[v]
@@ -675,14 +747,28 @@ class System:
                 a = self.acc[woke][tk.pc][tk.sub]
                 # The page went bad while its async fault was in flight: the woken task
                 # did touch a bad page (its access is the one that failed).
-                tasks = put(tasks, woke, G.kill_sigbus(tk._replace(touched=1), abi.BUS_ADRERR,
-                                                       a.vaddr))
-                self.emit("guest_sigbus", vcpu=v, task=woke, code="BUS_ADRERR",
-                          vaddr=hex(a.vaddr))
+                if self.params.apf_error_report == "vivek-2020":
+                    # handle_async_pf_error(): send_sig_info(SIGBUS, SEND_SIG_PRIV, current):
+                    # si_code SI_KERNEL, no address.
+                    code, vaddr, shown = SI_KERNEL, None, None
+                else:
+                    code, vaddr, shown = abi.BUS_ADRERR, a.vaddr, hex(a.vaddr)
+                tasks = put(tasks, woke, G.kill_sigbus(tk._replace(touched=1), code, vaddr))
+                self.emit("guest_sigbus", vcpu=v, task=woke, code=SIGBUS_CODES[code],
+                          vaddr=shown)
         mode = MODE_RUN if vc.mode == MODE_HALTED else vc.mode
         nvc = vc._replace(mode=mode, apf_hash=K.hash_del(vc.apf_hash, gfn, self.hash_size),
                           apf_done=vc.apf_done[1:])
-        return State(s.files, s.mem, put(s.vcpus, v, nvc), tasks, s.guest, s.vmm, s.fired)
+        # The context vCPU v runs now, before the guest takes the page-ready interrupt.
+        t = self.current_task(s, v) if sigbus else -1
+        s = State(s.files, s.mem, put(s.vcpus, v, nvc), tasks, s.guest, s.vmm, s.fired)
+        if sigbus:
+            # The vCPU thread leaves KVM_RUN with the signal pending; QEMU handles it in
+            # kvm_arch_on_sigbus_vcpu() for that context.
+            self.emit("kvm_exit", vcpu=v, task=t, reason="SIGBUS BUS_MCEERR_AR", gpa=hex(gpa),
+                      size=abi.PAGE_SIZE, source=EXIT_SOURCES[EXIT_HWPOISON])
+            s = self.exit_to_userspace(s, v, Exit(EXIT_HWPOISON, gpa, t, 0), gpa)
+        return s
 
     def _async_execute(self, s: State, v: int, item: ApfWork) -> State:
         """async_pf_execute(): get_user_pages_remote() (result discarded upstream), then
@@ -709,16 +795,26 @@ class System:
         """The guest's #MC handler for an injected machine check (one per entry: never
         while MCG_STATUS.MCIP is set)."""
         vc = s.vcpus[v]
-        (gpa, ar), rest = vc.mce_queue[0], vc.mce_queue[1:]
+        (gpa, ar, ctx), rest = vc.mce_queue[0], vc.mce_queue[1:]
         s = self.set_vcpu(s, v, vc._replace(mce_queue=rest))
         page = gpa & ~(abi.PAGE_SIZE - 1)
         g = self.gpa_gidx.get(page, -1)
-        t = self.current_task(s, v)
+        # The context the #MC interrupts is the one the vCPU left the guest in (an
+        # exception is injected before a pending interrupt, such as a page-ready one).
+        t = ctx if ctx >= 0 and s.tasks[ctx].status == TS_RUN else -1
         status, addr, misc, mcg = P.mce_encoding(gpa, ar)
         self.emit("guest_mce", vcpu=v, task=t, mcg_status=hex(mcg), status=hex(status),
                   addr=hex(addr), misc=hex(misc), mce="SRAR" if ar else "SRAO")
         if g < 0:
             return s
+        if ar and (t < 0 or not self._touching(s, t, g)):
+            # An SRAR in a context whose access did not touch the page (right_victim).
+            s = s._replace(guest=s.guest._replace(wrong_mce=1))
+        if not ar and self.params.srao_workqueue:
+            # do_machine_check() only logs an SRAO (mce_log() -> mce_gen_pool_add());
+            # uc_decode_notifier() calls memory_failure(pfn, 0) later, from a workqueue.
+            self.emit("guest_mce_log", vcpu=v, gpa=hex(page), deferred="memory_failure")
+            return s._replace(guest=s.guest._replace(mf_pending=s.guest.mf_pending | 1 << g))
         tasks = s.tasks
         spare = -1
         kread_eio = -1
@@ -729,7 +825,10 @@ class System:
                 return s._replace(vmm=s.vmm._replace(abort=reason))
             vaddr = next((va for tt, va in self.mappers[g] if tt == t), None)
             if vaddr is not None:
-                vaddr += gpa - page  # the guest's task_vaddr_of_gpa(): MCi_ADDR's offset
+                if self.params.srar_kill_vaddr == "exact":
+                    # faultline's guest adds MCi_ADDR's offset (task_vaddr_of_gpa());
+                    # Linux's kill_proc() reports page_address_in_vma(): the page.
+                    vaddr += gpa - page
                 tk = tasks[t]
                 a = self.acc[t][tk.pc]
                 if a and a[0].kind == A_KREAD:
@@ -756,6 +855,24 @@ class System:
                                                       abi.EXIT_CODE_KREAD_EIO))
             self.emit("guest_kread_eio", vcpu=v, task=kread_eio, gpa=hex(gpa))
             self.emit("task_exit", vcpu=v, task=kread_eio, code=abi.EXIT_CODE_KREAD_EIO)
+        return s._replace(tasks=tasks, guest=guest)
+
+    def _touching(self, s: State, t: int, g: int) -> bool:
+        """Task t's current access is to window page g (it is the faulting context)."""
+        tk = s.tasks[t]
+        accs = self.acc[t][tk.pc]
+        return bool(accs) and accs[tk.sub].gidx == g
+
+    def _guest_mf_work(self, s: State, g: int) -> State:
+        """The guest's workqueue: mce_gen_pool_process() -> uc_decode_notifier() ->
+        memory_failure(pfn, 0) for an SRAO logged earlier (arch/x86/kernel/cpu/mce/core.c)."""
+        guest = s.guest._replace(mf_pending=s.guest.mf_pending & ~(1 << g))
+        guest, tasks, killed = G.memory_failure(guest, s.tasks, g, self.mappers[g],
+                                                self.early_kill, -1)
+        self.emit("guest_memory_failure", gpa=hex(self.gidx_gpa(g)), flags="0",
+                  source="workqueue")
+        for kt, va in killed:
+            self.emit("guest_sigbus", task=kt, code="BUS_MCEERR_AO", vaddr=hex(va))
         return s._replace(tasks=tasks, guest=guest)
 
     def _guest_notify(self, s: State, v: int) -> State:
@@ -876,6 +993,8 @@ class System:
             self.emit("guest_sigsegv", vcpu=v, task=t, vaddr=hex(a.vaddr))
             ntk = tk._replace(status=TS_KILLED, result="SIGSEGV SEGV_ACCERR")
             return R_DEAD, self._yield_sleep(self.set_task(s, t, ntk), v, pos)
+        if kind == A_WRITE and self.read_only[a.file] and not s.guest.offlined >> g & 1:
+            return self._readonly_store(s, v, pos, t, a)
         if s.guest.offlined >> g & 1:
             # Poisoned guest PTE: #PF in the guest (VM_FAULT_HWPOISON), no exit.
             tk = s.tasks[t]._replace(touched=1)
@@ -922,8 +1041,12 @@ class System:
                 self.emit("kvm_async_pf_repeated_fault", vcpu=v, task=t, gpa=hex(a.addr))
                 s = self.set_vcpu(s, v, vc._replace(mode=MODE_HALTED))
                 self.emit("kvm_apf_halt", vcpu=v)
-                return (R_RETRY, self._fail(s, t) if H.cannot_back(f, pg, self.holes_fail)
-                        else s)
+                # The same access waiting on the same in-flight async PF: its first try's
+                # result is not known yet, so this is no further failed try (with timer
+                # interrupts ending the halt, linux-qemu, it may repeat many times).
+                if H.cannot_back(f, pg, self.holes_fail) and not s.tasks[t].touched:
+                    s = self.set_task(s, t, s.tasks[t]._replace(touched=1))
+                return R_RETRY, s
             if len(vc.apf_queue) + len(vc.apf_done) < self.max_queued:
                 return self._setup_async(s, v, pos, t, a, gfn, user,
                                          H.cannot_back(f, pg, self.holes_fail))
@@ -934,6 +1057,37 @@ class System:
         if res == H.GUP_OK:
             return self._complete(s, a, t)
         return R_EXIT, self._error_pfn(s, v, t, a, hwpoison=res == H.GUP_HWPOISON)
+
+    def _readonly_store(self, s: State, v: int, pos: int, t: int, a: Access
+                        ) -> tuple[int, State]:
+        """A store to a KVM_MEM_READONLY window: KVM_PFN_ERR_RO_FAULT, which
+        kvm_handle_error_pfn() turns into RET_PF_EMULATE; the emulated store has no device
+        and exits to userspace as a KVM_EXIT_MMIO write. Not a memory failure: nothing is
+        offlined, the page stays readable, the file is unchanged, one exit per store."""
+        gpa = a.addr & ~(abi.PAGE_SIZE - 1)
+        self.emit("kvm_handle_error_pfn", vcpu=v, task=t, gpa=hex(a.addr),
+                  pfn="KVM_PFN_ERR_RO_FAULT")
+        if self.params.readonly_store == "mmio-discard":
+            # QEMU: memory_access_is_direct() is false for a write to a read-only RAM
+            # region; the MMIO dispatch finds no write handler and drops the store.
+            self.emit("kvm_exit", vcpu=v, task=t, reason="KVM_EXIT_MMIO", gpa=hex(a.addr),
+                      size=8, source="mmio", exit="mmio")
+            self.emit("vmm_mmio_write_dropped", vcpu=v, task=t, gpa=hex(a.addr))
+            return R_OK, s
+        # faultline's VMM: the decision for cause "read-only" refuses the store; the guest
+        # sends the writer SIGSEGV SEGV_ACCERR at its address (a store to a read-only file
+        # mapping on Linux).
+        fi, pg = a.file, a.page
+        f = s.files[fi]
+        self.emit("kvm_exit", vcpu=v, task=t, reason="KVM_EXIT_MMIO", gpa=hex(a.addr),
+                  size=8, source="mmio")
+        self.emit("vmm_resolve", vcpu=v, task=t, gpa=hex(a.addr), hva=None,
+                  path=self.files[fi].path, offset=pg * abi.PAGE_SIZE + (a.addr - gpa),
+                  file_size=f.size, cause="read-only", source="mmio")
+        self.emit("guest_sigsegv", vcpu=v, task=t, code="SEGV_ACCERR", vaddr=hex(a.vaddr))
+        tk = s.tasks[t]
+        ntk = tk._replace(status=TS_SIGSEGV, result=(SEGV_ACCERR, a.vaddr))
+        return R_DEAD, self._yield_sleep(self.set_task(s, t, ntk), v, pos)
 
     def _complete(self, s: State, a: Access, t: int) -> tuple[int, State]:
         f = s.files[a.file]
@@ -1068,8 +1222,9 @@ class System:
                       status=hex(status), mcg_status=hex(mcg), misc=hex(misc),
                       mce="SRAR" if d.action_required else "SRAO")
             vc = s.vcpus[v]
-            s = self.set_vcpu(s, v, vc._replace(
-                mce_queue=vc.mce_queue + ((mce_gpa, d.action_required),)))  # noqa: RUF005
+            # An SRAR interrupts the context the vCPU exited from; an SRAO needs none.
+            mce = (mce_gpa, d.action_required, t if d.action_required else -1)
+            s = self.set_vcpu(s, v, vc._replace(mce_queue=(*vc.mce_queue, mce)))
             return self._resume(s._replace(vmm=vmm._replace(handled=handled | (1 << g))), v)
         if isinstance(d, P.Notify):
             # The first record carries the action-required access (NOTIFY_F_AR) when the

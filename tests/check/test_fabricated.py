@@ -74,7 +74,8 @@ def test_record_labels_agree_with_the_label_methods(design: str, policy: str) ->
                        / "check-standard.toml")
     safety = [p for p in PROPERTIES if p.kind == SAFETY]
     assert [p.name for p in safety] == ["vm_survives", "no_fabricated_data", "precise_kill",
-                                        "one_exit_per_bad_page", "first_access_reported"]
+                                        "one_exit_per_bad_page", "first_access_reported",
+                                        "right_victim"]
     for system in (System(sc, design, policy), NoFaultPath(sc, design, policy)):
         g = explore(system)
         # the interned explorer's labels (per record id) are the plain ones (per state)
@@ -85,7 +86,8 @@ def test_record_labels_agree_with_the_label_methods(design: str, policy: str) ->
                     bool(system.imprecise_kills(st)),
                     any(n > 1 for n in system.exits_per_page(st).values()),
                     any(n > FIRST_ACCESS_MAX_TRIES
-                        for n in system.failing_accesses(st).values())]
+                        for n in system.failing_accesses(st).values()),
+                    system.wrong_mce(st) > 0]
             m = _state_mask(safety, st)
             assert [bool(m >> i & 1) for i in range(len(safety))] == want, st
 

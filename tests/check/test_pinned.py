@@ -29,7 +29,9 @@ from faultline.scenario import DESIGNS, POLICIES, load
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ROOT / "scenarios"
 PINNED = Path(__file__).resolve().parent / "pinned"
-PARAMS: dict[str, dict[str, Any]] = {"default": {}, "conform": MODEL_PARAMS}
+# Pinned: faultline-vmm, the model as it was before the profiles (docs/linux-qemu.md).
+PARAMS: dict[str, dict[str, Any]] = {"default": {"profile": "faultline-vmm"},
+                                     "conform": MODEL_PARAMS}
 
 
 def check_pins(name: str, params: str, traces: bool) -> dict[str, Any]:

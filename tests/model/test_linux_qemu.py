@@ -1,0 +1,159 @@
+"""The two profiles (docs/linux-qemu.md): per difference, a small scenario whose outcome
+under linux-qemu is what the upstream code does, and under faultline-vmm what faultline's
+own VMM and guest do (today's model)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from faultline.check.properties import check_system
+from faultline.model import System
+from faultline.model.simulate import simulate
+from faultline.outcome import check
+from faultline.scenario import DESIGNS, from_dict, load
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = ROOT / "scenarios"
+LQ = sorted(SCENARIOS.glob("lq*.toml")) + sorted((SCENARIOS / "model").glob("lq*.toml"))
+PROFILES = ("linux-qemu", "faultline-vmm")
+CASES = [(p, d, pol, prof) for p in LQ for d in DESIGNS for pol in load(p).policies
+         for prof in PROFILES]
+
+
+@pytest.mark.parametrize(("path", "design", "policy", "profile"), CASES,
+                         ids=[f"{p.stem}-{d}-{pol}-{prof}" for p, d, pol, prof in CASES])
+def test_difference_scenarios_meet_both_profiles(path: Path, design: str, policy: str,
+                                                 profile: str) -> None:
+    sc = load(path)
+    out = simulate(sc, design, policy, profile=profile)
+    assert out.profile == profile
+    assert check(out, sc) == []
+
+
+def _sim(name: str, design: str, policy: str, profile: str, **kw: object):
+    path = SCENARIOS / f"{name}.toml"
+    if not path.exists():
+        path = SCENARIOS / "model" / f"{name}.toml"
+    return simulate(load(path), design, policy, profile=profile, **kw)
+
+
+# --- 1 + 2: who goes async, and what an artificial halt stops ----------------------------
+
+def test_no_pv_apf_loops_under_linux_qemu_and_exits_under_faultline_vmm() -> None:
+    lq = _sim("lq1-nopv", "upstream", "mce", "linux-qemu")
+    assert (lq.vm, lq.tasks["toucher"].fate, lq.exits["memory_fault"]) == ("hung", "hung", 0)
+    kinds = {e["kind"] for e in lq.events}
+    assert {"kvm_apf_halt", "guest_timer_reschedule"} <= kinds
+    assert lq.tasks["bystander"].fate == "exited"  # the halt does not freeze the guest
+    fv = _sim("lq1-nopv", "upstream", "mce", "faultline-vmm")
+    assert (fv.vm, fv.tasks["toucher"].fate, fv.exits["memory_fault"]) == \
+        ("completed", "sigbus", 1)
+    assert "kvm_apf_halt" not in {e["kind"] for e in fv.events}
+
+
+@pytest.mark.parametrize(("preempt", "bystander"), [("none", "hung"), ("voluntary", "hung"),
+                                                    ("full", "exited")])
+def test_kernel_mode_halt_blocks_its_vcpu_unless_fully_preemptible(preempt: str,
+                                                                   bystander: str) -> None:
+    out = _sim("lq2-halt-kernel", "upstream", "mce", "linux-qemu", preempt=preempt)
+    assert out.vm == "hung" and out.tasks["toucher"].fate == "hung"
+    assert out.tasks["bystander"].fate == bystander
+
+
+def test_kread_goes_async_only_under_linux_qemu() -> None:
+    sc = load(SCENARIOS / "dax-truncate-kernel.toml")
+    assert simulate(sc, "upstream", "abort", profile="linux-qemu").vm == "hung"
+    assert simulate(sc, "upstream", "abort", profile="faultline-vmm").vm == "aborted"
+
+
+# --- 3: poison while the async PF is in flight ---------------------------------------------
+
+def test_poison_during_async_pf_kills_whoever_runs() -> None:
+    lq = _sim("lq3-poison-apf", "upstream", "mce", "linux-qemu")
+    assert lq.tasks["bystander"].fate == "sigbus"  # never touched the page
+    sigbus = [e for e in lq.events if e["kind"] == "kvm_exit"]
+    assert [e["source"] for e in sigbus] == ["sigbus-hwpoison"]
+    assert sigbus[0]["task"] == "bystander"
+    fv = _sim("lq3-poison-apf", "upstream", "mce", "faultline-vmm")
+    assert fv.tasks["bystander"].fate == "exited" and fv.tasks["toucher"].fate == "sigbus"
+
+
+def test_poison_during_async_pf_in_the_idle_context_panics_the_guest() -> None:
+    raw = copy.deepcopy(load(SCENARIOS / "model" / "lq3-poison-apf.toml").raw)
+    # toucher alone on vCPU 0: when the SIGBUS comes, vCPU 0 runs nothing (idle).
+    raw["tasks"] = [t for t in raw["tasks"] if t["name"] in ("toucher", "poisoner")]
+    del raw["expect"]
+    out = simulate(from_dict(raw), "upstream", "mce", profile="linux-qemu")
+    assert out.vm == "aborted" and "guest panic" in out.reason
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_right_victim_fails_only_under_linux_qemu(profile: str) -> None:
+    sc = load(SCENARIOS / "model" / "check-poison.toml")
+    r = check_system(System(sc, "error-gfn", "mce", profile=profile))
+    assert r.complete
+    assert r.properties["right_victim"].holds is (profile == "faultline-vmm")
+
+
+# --- 4: SRAO later ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_deferred_srao_costs_a_second_exit_only_under_linux_qemu(profile: str) -> None:
+    sc = load(SCENARIOS / "lq4-srao-later.toml")
+    r = check_system(System(sc, "request", "mce", profile=profile))
+    assert r.complete
+    assert r.properties["one_exit_per_bad_page"].holds is (profile == "faultline-vmm")
+
+
+def test_srao_is_offlined_by_the_guest_workqueue() -> None:
+    out = _sim("lq4-srao-later", "request", "mce", "linux-qemu")
+    mf = [e for e in out.events if e["kind"] == "guest_memory_failure"]
+    assert [e.get("source") for e in mf] == ["workqueue"]
+    assert any(e["kind"] == "guest_mce_log" for e in out.events)
+
+
+# --- 6: apf-error-to-guest as Vivek's series did it -----------------------------------------
+
+def test_apf_error_is_si_kernel_without_address_under_linux_qemu() -> None:
+    lq = _sim("lq6-apf-error", "apf-error-to-guest", "mce", "linux-qemu")
+    sig = lq.tasks["toucher"].signal
+    assert sig is not None and (sig.code, sig.vaddr) == ("SI_KERNEL", None)
+    assert lq.tasks["reader"].code == 5  # not injectable at CPL 0: error_gfn, sync, -EIO
+    assert any(e["kind"] == "kvm_apf_error_gfn_sync" for e in lq.events)
+    fv = _sim("lq6-apf-error", "apf-error-to-guest", "mce", "faultline-vmm")
+    sig = fv.tasks["toucher"].signal
+    assert sig is not None and sig.code == "BUS_ADRERR" and sig.vaddr == 0x8000_2000
+
+
+# --- 8: the SIGBUS address -------------------------------------------------------------------
+
+def test_srar_kill_reports_the_page_under_linux_qemu() -> None:
+    for profile, want in (("linux-qemu", 0x8000_2000), ("faultline-vmm", 0x8000_2010)):
+        out = _sim("lq8-srar-address", "error-gfn", "mce", profile)
+        sig, late = out.tasks["toucher"].signal, out.tasks["late"].signal
+        assert sig is not None and sig.vaddr == want, profile
+        assert late is not None and late.vaddr == 0x8000_2018, profile  # poisoned PTE
+
+
+# --- the plumbing ---------------------------------------------------------------------------
+
+def test_profile_defaults_and_overrides() -> None:
+    sc = load(SCENARIOS / "dax-truncate.toml")
+    assert System(sc, "upstream", "mce").profile == "linux-qemu"
+    assert System(sc, "upstream", "mce").params.kernel_irqs_on is True
+    fv = System(sc, "upstream", "mce", profile="faultline-vmm")
+    assert fv.params.kernel_irqs_on is False and fv.params.readonly_store == "sigsegv"
+    # An explicit parameter beats the profile; a scenario's [vm] profile is its default.
+    assert System(sc, "upstream", "mce", kernel_irqs_on=False).params.kernel_irqs_on is False
+    pinned = dataclasses.replace(sc, profile="faultline-vmm")
+    assert System(pinned, "upstream", "mce").profile == "faultline-vmm"
+    with pytest.raises(ValueError, match="unknown profile"):
+        System(sc, "upstream", "mce", profile="qemu")
+    out = simulate(sc, "upstream", "mce")
+    start = next(e for e in out.events if e["kind"] == "model_start")
+    assert start["profile"] == out.profile == "linux-qemu"
+    assert out.to_json()["profile"] == "linux-qemu"
