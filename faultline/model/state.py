@@ -91,9 +91,10 @@ class Guest(NamedTuple):
     # SRARs taken by a context that did not touch the page, or a panic on one (the
     # right_victim label; must stay 0).
     wrong_mce: int
-    # Pages whose SRAO memory_failure() the guest's workqueue still has to run (bitmask of
-    # gidx; Params.srao_workqueue).
-    mf_pending: int
+    # SRAOs whose memory_failure() the guest's workqueue still has to run, in order:
+    # ((gidx, the vCPU whose #MC queued it and whose worker runs it), ...)
+    # (Params.srao_workqueue).
+    mf_pending: tuple[tuple[int, int], ...]
 
 
 class Vmm(NamedTuple):

@@ -359,7 +359,7 @@ class System:
                       for _ in range(self.sc.vcpus))
         tasks = tuple(Task(TS_RUN, 0, 0, (0,) * len(self.loop_index[t.index]), 0, 0, 0, 0, 0)
                       for t in self.tasks)
-        guest = Guest(0, (), 0, 0, 0)
+        guest = Guest(0, (), 0, 0, ())
         vmm = Vmm("", 0, tuple((f.size, 0) for f in self.files), (), ())
         s = State(files, (), vcpus, tasks, guest, vmm, 0)
         for e in self.start_events:
@@ -447,9 +447,9 @@ class System:
             return out
         pending = s.guest.mf_pending
         if pending:
-            g = (pending & -pending).bit_length() - 1
-            out.append(((f"guest kworker memory_failure gpa={self.gidx_gpa(g):#x}" if names
-                         else None), "kworker", self._guest_mf_work, (g,)))
+            g, v = pending[0]
+            out.append(((f"vcpu{v} guest kworker memory_failure gpa={self.gidx_gpa(g):#x}"
+                         if names else None), "kworker", self._guest_mf_work, (g, v)))
         if self.policy != "proactive":
             return out
         files = s.files
@@ -814,7 +814,10 @@ class System:
             # do_machine_check() only logs an SRAO (mce_log() -> mce_gen_pool_add());
             # uc_decode_notifier() calls memory_failure(pfn, 0) later, from a workqueue.
             self.emit("guest_mce_log", vcpu=v, gpa=hex(page), deferred="memory_failure")
-            return s._replace(guest=s.guest._replace(mf_pending=s.guest.mf_pending | 1 << g))
+            pending = s.guest.mf_pending
+            if any(pg == g for pg, _v in pending):
+                return s
+            return s._replace(guest=s.guest._replace(mf_pending=(*pending, (g, v))))
         tasks = s.tasks
         spare = -1
         kread_eio = -1
@@ -863,16 +866,17 @@ class System:
         accs = self.acc[t][tk.pc]
         return bool(accs) and accs[tk.sub].gidx == g
 
-    def _guest_mf_work(self, s: State, g: int) -> State:
-        """The guest's workqueue: mce_gen_pool_process() -> uc_decode_notifier() ->
-        memory_failure(pfn, 0) for an SRAO logged earlier (arch/x86/kernel/cpu/mce/core.c)."""
-        guest = s.guest._replace(mf_pending=s.guest.mf_pending & ~(1 << g))
+    def _guest_mf_work(self, s: State, g: int, v: int) -> State:
+        """The guest's workqueue on vCPU v: mce_gen_pool_process() -> uc_decode_notifier()
+        -> memory_failure(pfn, 0) for an SRAO logged earlier
+        (arch/x86/kernel/cpu/mce/core.c)."""
+        guest = s.guest._replace(mf_pending=s.guest.mf_pending[1:])
         guest, tasks, killed = G.memory_failure(guest, s.tasks, g, self.mappers[g],
                                                 self.early_kill, -1)
-        self.emit("guest_memory_failure", gpa=hex(self.gidx_gpa(g)), flags="0",
+        self.emit("guest_memory_failure", vcpu=v, gpa=hex(self.gidx_gpa(g)), flags="0",
                   source="workqueue")
         for kt, va in killed:
-            self.emit("guest_sigbus", task=kt, code="BUS_MCEERR_AO", vaddr=hex(va))
+            self.emit("guest_sigbus", vcpu=v, task=kt, code="BUS_MCEERR_AO", vaddr=hex(va))
         return s._replace(tasks=tasks, guest=guest)
 
     def _guest_notify(self, s: State, v: int) -> State:
