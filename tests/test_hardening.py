@@ -234,7 +234,8 @@ def test_piped_output_is_not_cut_to_80_columns(tmp_path: Path) -> None:
     assert max(map(len, lines)) > 100  # long details stay on their line
     [vm] = [line for line in lines if line.startswith("vm: ")]
     assert vm.endswith("backend model, profile linux-qemu, design upstream, policy mce")
-    c = _cli(tmp_path, "check", "--design", "memory-fault-exit", "--policy", "abort")
+    c = _cli(tmp_path, "check", str(SCENARIOS / "check-standard.toml"), "--design",
+             "memory-fault-exit", "--policy", "abort")
     assert c.returncode == 0, c.stderr
     assert "memory-fault-exit" in c.stdout  # not "memory-fault-…"
     assert "1 cell," in c.stdout and "1 cells" not in c.stdout

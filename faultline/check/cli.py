@@ -134,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
             for name in args.counterexample:
                 prop = c["properties"].get(name)
                 if prop and prop["holds"] is False:
-                    print(f"\n{c['scenario']} [{c['profile']}] {c['design']} {c['policy']}: "
+                    print(f"\n{c['scenario']} ({c['profile']}) {c['design']} {c['policy']}: "
                           f"{name} fails "
                           f"({prop.get('kind', '')}: {prop.get('note', '')})")
                     print(format_counterexample(prop["counterexample"]))

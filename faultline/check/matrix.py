@@ -211,7 +211,7 @@ def render(result: dict[str, Any], console: Any = None) -> None:
     for (name, profile), cells in by_scenario.items():
         designs = list(dict.fromkeys(c["design"] for c in cells))
         policies = list(dict.fromkeys(c["policy"] for c in cells))
-        table = Table(title=f"{name} [{profile}]: failing properties", show_lines=True)
+        table = Table(title=f"{name} ({profile}): failing properties", show_lines=True)
         table.add_column("design \\ policy")
         for p in policies:
             table.add_column(p)

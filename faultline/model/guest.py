@@ -19,7 +19,7 @@ from faultline.model.state import (
 )
 
 
-def kill_sigbus(task: Task, si_code: int, vaddr: int | None) -> Task:
+def kill_sigbus(task: Task, si_code: int, vaddr: int) -> Task:
     """force_sig_mceerr()/force_sig_fault(): SIGBUS's default action ends the task."""
     return task._replace(status=TS_SIGBUS, result=(si_code, vaddr))
 

@@ -489,7 +489,7 @@ class System:
             return ("exited", tk.result)
         if st == TS_SIGBUS:
             code, vaddr = tk.result
-            return ("sigbus", SIGBUS_CODES.get(code, str(code)), vaddr)
+            return ("sigbus", SIGBUS_CODES.get(code, str(code)), vaddr if vaddr >= 0 else None)
         if st == TS_SIGSEGV:
             return ("sigsegv", "SEGV_ACCERR", tk.result[1])
         if st == TS_KILLED:
@@ -750,7 +750,7 @@ class System:
                 if self.params.apf_error_report == "vivek-2020":
                     # handle_async_pf_error(): send_sig_info(SIGBUS, SEND_SIG_PRIV, current):
                     # si_code SI_KERNEL, no address.
-                    code, vaddr, shown = SI_KERNEL, None, None
+                    code, vaddr, shown = SI_KERNEL, -1, None  # -1: no address
                 else:
                     code, vaddr, shown = abi.BUS_ADRERR, a.vaddr, hex(a.vaddr)
                 tasks = put(tasks, woke, G.kill_sigbus(tk._replace(touched=1), code, vaddr))
