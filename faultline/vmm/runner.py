@@ -165,8 +165,9 @@ class KvmRun:
         from faultline.vmm import boot
 
         sc, m = self.sc, self.m
-        m.log.emit("vm_create", scenario=sc.name, policy=self.policy, vcpus=sc.vcpus,
-                   ram_bytes=sc.ram_bytes, run_dir=str(self.run_dir))
+        # profile: this VMM and guest are what the model calls faultline-vmm
+        m.log.emit("vm_create", scenario=sc.name, profile="faultline-vmm", policy=self.policy,
+                   vcpus=sc.vcpus, ram_bytes=sc.ram_bytes, run_dir=str(self.run_dir))
         root = self.run_dir.resolve()
         for f in sc.files:
             path = self.run_dir / f.path

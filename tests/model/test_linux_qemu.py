@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +166,36 @@ def test_profile_defaults_and_overrides() -> None:
     start = next(e for e in out.events if e["kind"] == "model_start")
     assert start["profile"] == out.profile == "linux-qemu"
     assert out.to_json()["profile"] == "linux-qemu"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "faultline.cli", *args], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+
+
+def test_cli_names_the_profile(tmp_path: Path) -> None:
+    sc = str(SCENARIOS / "lq2-halt-kernel.toml")
+    p = _cli("run", sc, "--backend", "model", "--profile", "faultline-vmm", "--json",
+             "--events", str(tmp_path / "ev.jsonl"))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["profile"] == "faultline-vmm"
+    # --preempt full lets bystander run: an outcome the scenario (voluntary) does not expect
+    p = _cli("run", sc, "--backend", "model", "--preempt", "full", "--json",
+             "--events", str(tmp_path / "ev2.jsonl"))
+    assert p.returncode == 1 and json.loads(p.stdout)["tasks"]["bystander"]["fate"] == "exited"
+    p = _cli("check", str(SCENARIOS / "lq4-srao-later.toml"), "--design", "request",
+             "--policy", "mce", "--profile", "linux-qemu", "faultline-vmm", "--json",
+             "--workers", "1")
+    assert p.returncode == 0, p.stderr
+    cells = json.loads(p.stdout)["cells"]
+    assert {c["profile"]: c["properties"]["one_exit_per_bad_page"]["holds"]
+            for c in cells} == {"linux-qemu": False, "faultline-vmm": True}
+
+
+def test_cli_profile_is_for_the_model() -> None:
+    p = _cli("run", str(SCENARIOS / "hello.toml"), "--backend", "kvm", "--profile",
+             "linux-qemu")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "--profile" in p.stderr
+    p = _cli("run", str(SCENARIOS / "hello.toml"), "--backend", "model", "--profile", "qemu")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
