@@ -262,6 +262,17 @@ def test_runner_handles_synthetic_hardware_exits(tmp_path: Path) -> None:
         [ev] = [e for e in r.log.events if e["kind"] == "vmm_resolve"]
         assert ev["cause"] == "beyond-eof" and ev["maps"]["path"] == str(r.run_dir / "dax0")
         assert not r.stopping
+        # The same page again before the guest took its #MC: in flight, no second event,
+        # not counted as a repeat (policy.count_fault)
+        for _ in range(3):
+            assert r.faults.on_fault_exit(v, exits.decode_exit(buf, -1, errno.EFAULT))
+        assert v.pending_mce == [(0x1_0000_3000, True)] and not r.stopping
+        assert [e["kind"] for e in r.log.events].count("vmm_in_flight") == 3
+        assert r.outcome.exits["memory_fault"] == 4
+        # ... until the guest offlined it: then a fault there is a repeat again
+        r._on_taken(None, 0x1_0000_3000, 1)
+        assert r.faults.on_fault_exit(v, exits.decode_exit(buf, -1, errno.EFAULT))
+        assert len(v.pending_mce) == 2
     finally:
         r._teardown()
 
