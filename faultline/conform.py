@@ -179,11 +179,21 @@ def _run_dir(log: EventLog) -> str | None:
     return None
 
 
+def model_params(profile: str = "faultline-vmm") -> dict[str, Any]:
+    """The model's parameters for a comparison under `profile`: MODEL_PARAMS, except that
+    under another profile the kernel's own setting replaces the host's async_without_pv
+    (linux-qemu: async faults without PV, docs/linux-qemu.md difference 1)."""
+    params = {**MODEL_PARAMS, "profile": profile}
+    if profile != "faultline-vmm":
+        del params["async_without_pv"]
+    return params
+
+
 def compare_pair(sc: Scenario, policy: str, *, events_dir: Path | None = None,
                  watchdog_s: float = 10.0, profile: str = "faultline-vmm") -> Comparison:
     """Run `sc` under `policy` on kvm and on the model (under `profile`) and compare the
     outcomes."""
-    params = {**MODEL_PARAMS, "profile": profile}
+    params = model_params(profile)
     from faultline.model.simulate import simulate
     from faultline.vmm.runner import BackendError, run_kvm
 

@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 
 from faultline import conform
 from faultline.backends import run_scenario
+from faultline.conform import MODEL_PARAMS
+from faultline.model.params import PROFILE_PARAMS
 from faultline.outcome import check
 from faultline.scenario import Scenario, from_dict, load
 
@@ -254,3 +256,10 @@ def test_trigger_after_exit_step_fires() -> None:
     assert model.tasks["later"].fate == "sigbus"  # the model fires it
     kvm = run_scenario(sc, backend="kvm", policy="mce")
     assert kvm.tasks["later"].fate == "sigbus", kvm.tasks["later"]
+
+
+def test_model_params_under_linux_qemu_keep_the_kernels_async_setting() -> None:
+    assert conform.model_params() == MODEL_PARAMS
+    lq = conform.model_params("linux-qemu")
+    assert lq["profile"] == "linux-qemu" and "async_without_pv" not in lq
+    assert PROFILE_PARAMS["linux-qemu"]["async_without_pv"] is True  # what applies instead
