@@ -29,7 +29,7 @@ from .conftest import SCENARIOS
 
 FAULT_SCENARIOS = ["dax-truncate", "dax-truncate-smp", "dax-truncate-4vcpu", "dax-truncate-write",
                    "exec-from-truncated", "dax-punch-hole", "dax-truncate-kernel", "hello",
-                   "readonly/ro-store-then-read", "readonly/ro-next-to-rw"]
+                   "ro-store-then-read", "ro-next-to-rw"]
 CASES = [(name, p) for name in FAULT_SCENARIOS
          for p in load(SCENARIOS / f"{name}.toml").policies]
 
@@ -71,7 +71,7 @@ def test_a_refused_store_offlines_nothing_and_leaves_the_file(policy: str,
     through one exit and a read-only notification; no page offlined, no machine check,
     the file byte for byte as it was, the page readable afterwards (the scenario's
     `reader` and `other` check the values)."""
-    sc = load(SCENARIOS / "readonly" / "ro-store-then-read.toml")
+    sc = load(SCENARIOS / "ro-store-then-read.toml")
     run_dir = tmp_path / "run"
     events = tmp_path / "events.jsonl"
     before = file_contents(sc.file("dax0"))

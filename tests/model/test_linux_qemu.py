@@ -110,7 +110,7 @@ def test_srao_is_offlined_by_the_guest_workqueue() -> None:
 # --- 5: read-only memslots ---------------------------------------------------------------
 
 def test_read_only_store_is_refused_or_dropped_never_a_memory_failure() -> None:
-    path = SCENARIOS / "readonly" / "ro-store-then-read.toml"
+    path = SCENARIOS / "ro-store-then-read.toml"
     fv = simulate(load(path), "memory-fault-exit", "mce", profile="faultline-vmm")
     sig = fv.tasks["writer"].signal
     assert fv.tasks["writer"].fate == "sigsegv" and sig is not None
