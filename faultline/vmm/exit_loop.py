@@ -46,6 +46,7 @@ class ExitLoop:
             with m.lock:
                 v.halted = True
                 m.cond.notify_all()
+            v.done.set()
 
     def loop(self, v: VcpuState) -> None:
         m = self.m

@@ -56,11 +56,18 @@ class VcpuState:
     waiting: bool = False  # idle and parked in userspace
     synced_regs: bool = False  # KVM stores the GPRs into kvm_run at every exit
     sregs: uapi.kvm_sregs = field(default_factory=uapi.kvm_sregs)  # reused by locate
+    # Set by the vCPU's thread as the last thing it does. Not Thread.is_alive(): on Python
+    # 3.11 a KeyboardInterrupt landing in Thread.join() can mark a running thread stopped.
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def running(self) -> bool:
+        """Its thread was started and has not finished."""
+        return self.thread is not None and self.thread.ident is not None \
+            and not self.done.is_set()
 
     def stopped(self) -> bool:
         """Not running guest code, and will not until told (parked, idle, or gone)."""
-        return self.parked or self.waiting or self.halted or self.thread is None \
-            or not self.thread.is_alive()
+        return self.parked or self.waiting or self.halted or not self.running()
 
 
 class Machine:
@@ -106,8 +113,8 @@ class Machine:
         with contextlib.suppress(KvmError, ValueError):
             v.vcpu.immediate_exit = True
         t = v.thread
-        if self.can_kick and t is not None and t.ident is not None \
-                and t is not threading.current_thread() and t.is_alive():
+        if self.can_kick and t is not None and t.ident is not None and v.running() \
+                and t is not threading.current_thread():
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pthread_kill(t.ident, KICK_SIGNAL)
 

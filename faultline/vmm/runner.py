@@ -271,12 +271,12 @@ class KvmRun:
                 v.thread = threading.Thread(target=self.exit_loop.thread, args=(v,),
                                             name=f"vcpu{v.index}", daemon=True)
             self.control._mark_started()
-            for v in m.vcpus:
-                assert v.thread is not None
-                v.thread.start()
             try:
+                for v in m.vcpus:
+                    assert v.thread is not None
+                    v.thread.start()
                 self._supervise()
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # (also while the threads start: vCPU 0 may be running)
                 m.stop("aborted", "interrupted")
                 interrupted = True
             self._join_threads()
@@ -292,10 +292,11 @@ class KvmRun:
         (the watchdog) or exceeds its budget (steps, wall time)."""
         m = self.m
         while True:
-            alive = [v for v in m.vcpus if v.thread is not None and v.thread.is_alive()]
+            alive = [v for v in m.vcpus if v.running()]
             if not alive:
                 return
-            alive[0].thread.join(SUPERVISE_TICK_S)  # type: ignore[union-attr]
+            # an Event, not Thread.join(): see VcpuState.done
+            alive[0].done.wait(SUPERVISE_TICK_S)
             with m.lock:
                 if m.stopping:
                     continue
@@ -334,9 +335,9 @@ class KvmRun:
             self.watcher.close()
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         for v in m.vcpus:
-            while v.thread is not None and v.thread.is_alive():
+            while v.running():
                 m.kick(v)
-                v.thread.join(0.05)
+                v.done.wait(0.05)
                 if time.monotonic() > deadline:
                     m.log.emit("vmm_thread_stuck", vcpu=v.index)
                     self._stuck_threads = True
