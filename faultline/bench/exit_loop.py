@@ -1,4 +1,4 @@
-"""exit-loop: the per-exit cost of faultline's vCPU loop (the real KvmRun._vcpu_loop) vs a
+"""exit-loop: the per-exit cost of faultline's vCPU loop (the real ExitLoop.loop) vs a
 C KVM_RUN loop, on the same guest image.
 
 With BOOT_OPT_BENCH_EXITS the guest's vCPU 0 does N `outl`s to BENCH_PORT right after its
