@@ -48,6 +48,7 @@ from faultline.qemu.command import (
 )
 from faultline.scenario import HostEvent, Scenario, file_contents
 from faultline.vmm.hostevents import needs_real_poison
+from faultline.vmm.reports import signal_fate
 from faultline.vmm.runner import BackendError, Interrupted
 
 POLICY = "qemu"
@@ -107,13 +108,7 @@ class QemuRun:
         self.outcome.qemu = {}
         for t in scenario.tasks:
             self.outcome.tasks[t.name] = TaskOutcome()
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        self.run_dir = Path(tempfile.mkdtemp(prefix="faultline-qemu-", dir=shm))
-        self.paths = RunPaths(
-            ram=self.run_dir / "ram", boot_info=self.run_dir / "bootinfo.bin",
-            doorbell=self.run_dir / "doorbell.sock", qmp=self.run_dir / "qmp.sock",
-            serial=self.run_dir / "serial.txt",
-            windows=tuple(self.run_dir / f.path for f in scenario.files))
+        self.run_dir: Path | None = None  # made once QEMU is found (vm_create names it)
         self.fds: dict[str, int] = {}  # file name -> fd (host events, the file check)
         self.ram: mmap.mmap | None = None
         self.proc: asyncio.subprocess.Process | None = None
@@ -131,6 +126,14 @@ class QemuRun:
         self.done = asyncio.Event()
 
     # --- set-up ---------------------------------------------------------------------------
+    @property
+    def paths(self) -> RunPaths:
+        d = self.run_dir
+        assert d is not None
+        return RunPaths(ram=d / "ram", boot_info=d / "bootinfo.bin", doorbell=d / "doorbell.sock",
+                        qmp=d / "qmp.sock", serial=d / "serial.txt",
+                        windows=tuple(d / f.path for f in self.sc.files))
+
     def _prepare(self) -> list[str]:
         from faultline.guest.build import kernel_path
         from faultline.vmm import boot
@@ -141,6 +144,8 @@ class QemuRun:
         version = qemu_version(binary)
         assert self.outcome.qemu is not None
         self.outcome.qemu["version"] = version
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.run_dir = Path(tempfile.mkdtemp(prefix="faultline-qemu-", dir=shm))
         self.log.emit("vm_create", scenario=sc.name, policy=POLICY, vcpus=sc.vcpus,
                       ram_bytes=sc.ram_bytes, run_dir=str(self.run_dir), qemu=binary,
                       qemu_version=version)
@@ -438,8 +443,7 @@ class QemuRun:
             emit("guest_signal", vcpu=vcpu, task=task, signo=a, code=code, vaddr=hex(c),
                  gpa=hex(d))
             if task is not None:
-                fate = "sigbus" if a == abi.SIGBUS else "killed"
-                self._finish_task(task, TaskOutcome(fate, None, Signal(code, c)))
+                self._finish_task(task, TaskOutcome(signal_fate(a), None, Signal(code, c)))
         elif kind == abi.R_OFFLINE:
             npages = max(1, min(c, 1 << 20))
             self.outcome.offlined.update(range(a, a + npages * abi.PAGE_SIZE, abi.PAGE_SIZE))
@@ -451,8 +455,9 @@ class QemuRun:
             emit("vcpu_idle", vcpu=vcpu)
             self.idle.add(vcpu)
         elif kind == abi.R_PANIC:
-            emit("guest_panic", vcpu=vcpu, code=a, detail=[hex(b), hex(c), hex(d)])
-            self._end("aborted", f"guest panic on vCPU {vcpu} (code {a})")
+            what = abi.PANIC_NAMES.get(a, f"unknown panic code {a}")
+            emit("guest_panic", vcpu=vcpu, code=a, what=what, detail=[hex(b), hex(c), hex(d)])
+            self._end("aborted", f"guest panic on vCPU {vcpu}: {what}")
         else:  # R_MCE, R_NOTIFY: QEMU injected nothing of ours; log what the guest said
             emit(f"guest_{name}", vcpu=vcpu, task=task, a=hex(a), b=hex(b), c=hex(c), d=hex(d))
         if len(self.finished_tasks) == len(tasks) and len(self.idle) >= self.sc.vcpus:
@@ -508,8 +513,8 @@ class QemuRun:
     def _change_file(self, ev: HostEvent, vcpu: int | None) -> None:
         from faultline.vmm.hostevents import apply_host_event
 
-        apply_host_event(ev, self.fds[ev.file], str(self.run_dir / self.sc.file(ev.file).path),
-                         self.log, vcpu)
+        i = self.sc.files.index(self.sc.file(ev.file))
+        apply_host_event(ev, self.fds[ev.file], str(self.paths.windows[i]), self.log, vcpu)
 
     # --- end of run ---------------------------------------------------------------------------
     def _finish(self) -> None:
@@ -524,6 +529,8 @@ class QemuRun:
         self.log.emit("outcome", outcome=o.to_json())
 
     def _serial(self) -> None:
+        if self.run_dir is None:
+            return
         with contextlib.suppress(OSError):
             for line in self.paths.serial.read_text(errors="replace").splitlines():
                 self.log.emit("serial", vcpu=None, text=line)
@@ -562,7 +569,7 @@ class QemuRun:
             self.log.close()
         else:
             self.log.flush()
-        if not self.keep:
+        if not self.keep and self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
