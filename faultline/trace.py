@@ -41,7 +41,7 @@ HOST_CHANGES = ("host_event", "host_truncate", "host_extend", "host_punch_hole",
 _INJECT = ("vmm_inject_mce", "vmm_notify", "vmm_inject_irq")
 _GUEST_HANDLERS = ("guest_mce", "guest_notify")
 _VMM_KINDS = ("vmm_resolve", "vmm_queue_mce", "vmm_inject_mce", "vmm_notify", "vmm_inject_irq",
-              "vmm_ignore", "vmm_repeated_fault", "vmm_abort", "vm_abort", "vmm_mce_deferred",
+              "vmm_ignore", "vmm_in_flight", "vmm_abort", "vm_abort", "vmm_mce_deferred",
               "vmm_notify_ring_full")
 _STEP_END = ("task_step", "task_exit", "guest_signal", "guest_sigbus")
 

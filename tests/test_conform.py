@@ -154,7 +154,7 @@ def random_scenarios(draw: st.DrawFn) -> tuple[Scenario, str]:
     code file, 1-3 tasks of 1-5 steps, 0-3 host events."""
     # The file fills its window at first: a window page beyond the *initial* EOF is
     # offlined by the real proactive watcher at the first change of the file, while the
-    # shared policy (on_file_change, the model) offlines only pages that became bad (see
+    # shared policy (file_change_notify, both sides) offlines only pages that became bad (see
     # the report); truncations below make every other shape.
     files: list[dict[str, Any]] = [{"name": "dax0", "size": PAGES * 0x1000}]
     with_code = draw(st.booleans())

@@ -31,10 +31,6 @@ def test_pick_bare_efault_page_skips_handled_pages_in_ranges() -> None:
     assert pol.pick_bare_efault_page(bad, {W + k * P for k in (2, 3, 4, 10)}) is None
     # a 1 GiB window truncated to half is one range, not a list of pages
     assert pol.pick_bare_efault_page([(W, 1 << 17)], {W}) == W + P
-    # the same answer as the list form the model uses
-    gpas = [W + k * P for k in (2, 3, 4, 10)]
-    assert pol.pick_bare_efault_gpa(gpas, {W + 2 * P}) == pol.pick_bare_efault_page(
-        bad, {W + 2 * P})
 
 
 def test_file_change_notify_only_what_is_news() -> None:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from faultline.model import kvm as K
-from faultline.vmm import policy as P
 
 
 @dataclass(frozen=True)
@@ -34,8 +33,6 @@ class Params:
     fail_cap: int = 3
     # Per-page exit counts saturate here.
     exit_cap: int = 7
-    # Exits for an already-handled page before the VMM gives up.
-    max_repeats: int = P.MAX_REPEATS
     # The VMM registers every file window with userfaultfd (MISSING + UFFD_FEATURE_SIGBUS)
     # over tmpfs, as faultline's real VMM does: the host fault on a hole (punched, or the
     # sparse range of a re-extended file) is VM_FAULT_SIGBUS, exactly like a page beyond

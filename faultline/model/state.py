@@ -82,6 +82,7 @@ class RingRecord(NamedTuple):
     cause: str
     ar_task: int  # the task in the faulting context (spared the AO kill), else -1
     vcpu: int  # the vCPU the interrupt targets
+    ar_page: int = -1  # gidx of the action-required access's page (with ar_task), else -1
 
 
 class Guest(NamedTuple):
@@ -102,7 +103,7 @@ class Vmm(NamedTuple):
     handled: int  # bitmask of gidx the VMM has acted on
     known: tuple[tuple[int, int], ...]  # per file: (size, holes) as the VMM last saw them
     exits: tuple[tuple[int, int], ...]  # memory-fault exits per page: ((gidx|-1, n), ...)
-    repeats: tuple[tuple[int, int], ...]  # exits for an already-handled page
+    repeats: tuple[tuple[int, int], ...]  # ((gidx * vcpus + vcpu, times handled), ...)
 
 
 class State(NamedTuple):
@@ -140,6 +141,13 @@ def sparse_inc(pairs: tuple[tuple[int, int], ...], key: int,
                cap: int) -> tuple[tuple[int, int], ...]:
     d = dict(pairs)
     d[key] = min(d.get(key, 0) + 1, cap)
+    return tuple(sorted(d.items()))
+
+
+def sparse_put(pairs: tuple[tuple[int, int], ...], key: int,
+               n: int) -> tuple[tuple[int, int], ...]:
+    d = dict(pairs)
+    d[key] = n
     return tuple(sorted(d.items()))
 
 

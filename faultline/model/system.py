@@ -67,7 +67,9 @@ from faultline.model.state import (
     put,
     sparse_get,
     sparse_inc,
+    sparse_put,
 )
+from faultline.pages import PageRanges
 from faultline.scenario import POLICIES, Scenario, file_value
 from faultline.vmm import policy as P
 
@@ -147,10 +149,10 @@ class System:
         self.apf_possible = scenario.apf or p.async_without_pv
         self.fail_cap = p.fail_cap
         self.exit_cap = p.exit_cap
-        self.max_repeats = p.max_repeats
+        self.nvcpus = scenario.vcpus
         self.holes_fail = p.uffd_sigbus_holes
         self.exact_gpa = p.vmm_exact_gpa
-        self.proactive_sync = p.proactive_sync and policy == "proactive"
+        self.proactive_sync = p.proactive_sync and P.NEEDS[policy].watch_files
         self.notify_one_vcpu = p.notify_one_vcpu
         self.timer_ends_halt = p.timer_ends_halt
         self.full_preempt = p.preempt == "full"
@@ -450,7 +452,7 @@ class System:
             g, v = pending[0]
             out.append(((f"vcpu{v} guest kworker memory_failure gpa={self.gidx_gpa(g):#x}"
                          if names else None), "kworker", self._guest_mf_work, (g, v)))
-        if self.policy != "proactive":
+        if not P.NEEDS[self.policy].watch_files:
             return out
         files = s.files
         for fi, known in enumerate(vmm.known):
@@ -1162,7 +1164,6 @@ class System:
         kind, true_gpa, t = ex.kind, ex.gpa, ex.task
         source = EXIT_SOURCES[kind]
         vmm = s.vmm
-        handled = vmm.handled
         files = s.files
         gpa: int | None
         if kind == EXIT_BARE_EFAULT and self.exact_gpa:
@@ -1171,17 +1172,13 @@ class System:
             # translates its operand (faultline.vmm.decode), learning the exact address.
             gpa = true_gpa
         elif kind == EXIT_BARE_EFAULT:
-            # Without decoding: recover by scanning the windows, as the VMM's fallback does.
-            bad: list[int] = []
-            for fi, spec in enumerate(self.files):
-                pages = H.bad_pages(files[fi], spec.pages, self.holes_fail)
-                bad.extend(spec.gpa(p) for p in pages)
-            handled_gpas = {self.gidx_gpa(g) for g in range(self.ngidx) if handled >> g & 1}
-            gpa = M.recover_bare_efault_gpa(bad, handled_gpas)
-            if gpa is None and bad:
-                # Every bad page is handled already: take it as the same fault again (the
-                # repeat guard below bounds it). The VMM never learns true_gpa here.
-                gpa = min(bad)
+            # Without decoding: the lowest bad window page not yet counted as handled, as
+            # the real VMM's fallback (Detector.bare_efault); None: it gives up.
+            bad = [(spec.gpa(p0), n) for fi, spec in enumerate(self.files)
+                   for p0, n in M.page_runs(H.bad_pages(files[fi], spec.pages,
+                                                        self.holes_fail))]
+            gpa = P.pick_bare_efault_page(bad, M.Counted(vmm.repeats, self.gpa_gidx,
+                                                         self.nvcpus))
         else:
             gpa = true_gpa
         if gpa is None:
@@ -1198,12 +1195,17 @@ class System:
         self.emit("vmm_resolve", vcpu=v, task=t, gpa=hex(gpa), hva=None, path=spec.path,
                   offset=pg * abi.PAGE_SIZE + (gpa - page), file_size=f.size, cause=cause,
                   source=source)
-        if handled >> g & 1:
-            reps = sparse_inc(vmm.repeats, g, self.max_repeats + 1)
-            if sparse_get(reps, g) > self.max_repeats:
-                return self._abort(s, f"gpa {gpa:#x}: the same memory fault keeps coming back")
-            self.emit("vmm_repeated_fault", vcpu=v, gpa=hex(gpa), count=sparse_get(reps, g))
-            return self._resume(s._replace(vmm=vmm._replace(repeats=reps)), v)
+        # policy.count_fault, as the real VMM's Detector.note_handled: per (page, vCPU).
+        key = g * self.nvcpus + v
+        n, verdict = P.count_fault(sparse_get(vmm.repeats, key), self._in_flight(s, v, g))
+        if verdict == P.IN_FLIGHT:
+            self.emit("vmm_in_flight", vcpu=v, gpa=hex(gpa))
+            return self._resume(s, v)
+        if verdict == P.GIVE_UP:
+            return self._abort(s, f"gpa {page:#x} faulted {n} times on vCPU {v} after being "
+                                  "handled")
+        vmm = vmm._replace(repeats=sparse_put(vmm.repeats, key, n))
+        s = s._replace(vmm=vmm)
         known = vmm.known[fi]
         win = M.window(spec, f.size, known[0], f.holes)
         d = P.decide(self.policy, gpa, cause, win, in_context=kind != EXIT_REQUEST)
@@ -1229,7 +1231,7 @@ class System:
             # An SRAR interrupts the context the vCPU exited from; an SRAO needs none.
             mce = (mce_gpa, d.action_required, t if d.action_required else -1)
             s = self.set_vcpu(s, v, vc._replace(mce_queue=(*vc.mce_queue, mce)))
-            return self._resume(s._replace(vmm=vmm._replace(handled=handled | (1 << g))), v)
+            return self._resume(s._replace(vmm=vmm._replace(handled=vmm.handled | (1 << g))), v)
         if isinstance(d, P.Notify):
             # The first record carries the action-required access (NOTIFY_F_AR) when the
             # vCPU is in the faulting context: the guest spares that task from the
@@ -1237,9 +1239,20 @@ class System:
             # -EIO, as the real guest's per-vCPU AR mailbox makes it do before the
             # interrupt). Not for an exit outside the faulting context (whatever task runs).
             ar_task = t if kind != EXIT_REQUEST else -1
-            s, vmm = self._notify(s, vmm, d, ar_task, v)
+            s, vmm = self._notify(s, vmm, d, ar_task, v, g)
             return self._resume(s._replace(vmm=vmm), v)
         return self._resume(s, v)
+
+    def _in_flight(self, s: State, v: int, g: int) -> bool:
+        """policy.count_fault's ``in_flight``, as the real VMM's VcpuState.ar_pages: an
+        action-required event for page g is queued for vCPU v and the guest has not taken
+        it yet (an SRAR in v's #MC queue, or a notification record for v still in the ring
+        whose AR access is on page g)."""
+        gpa = self.gidx_gpa(g)
+        for mce_gpa, ar, _ctx in s.vcpus[v].mce_queue:
+            if ar and mce_gpa & ~(abi.PAGE_SIZE - 1) == gpa:
+                return True
+        return any(r.ar_page == g and r.vcpu == v for r in s.guest.ring)
 
     def _log_resolve(self, s: State, v: int) -> None:
         """vmm_resolve for vCPU v's pending annotated exit (no state change)."""
@@ -1257,13 +1270,15 @@ class System:
                   file_size=f.size, cause=H.cause_of(f, pg), source=EXIT_SOURCES[ex.kind])
 
     def _notify(self, s: State, vmm: Vmm, d: P.Notify, ar_task: int = -1,
-                target: int = 0) -> tuple[State, Vmm]:
-        """Post ring records and raise the notification interrupt on vCPU `target`."""
+                target: int = 0, ar_page: int = -1) -> tuple[State, Vmm]:
+        """Post ring records and raise the notification interrupt on vCPU `target`; the
+        first record carries ``ar_task``'s access to page ``ar_page`` (gidx), if any."""
         handled = vmm.handled
         ring = s.guest.ring
         for i, (first, n, cause) in enumerate(d.ranges):
             g0 = self.gpa_gidx[first]
-            ring += (RingRecord(g0, n, cause, ar_task if i == 0 else -1, target),)
+            ring += (RingRecord(g0, n, cause, ar_task if i == 0 else -1, target,
+                                ar_page if i == 0 and ar_task >= 0 else -1),)
             for g in range(g0, g0 + n):
                 handled |= 1 << g
             self.emit("vmm_notify", first_gpa=hex(first), npages=n, cause=cause)
@@ -1288,8 +1303,14 @@ class System:
         new_holes = f.holes & ~old_holes
         self.emit("vmm_file_change", file=spec.name, old_size=old_size, new_size=f.size,
                   holes=M.holes_ranges(new_holes))
-        d = P.on_file_change(spec.window_gpa, spec.window_bytes, old_size, f.size,
-                             M.holes_ranges(new_holes))
+        # policy.file_change_notify, as the real VMM's watcher (faultline.vmm.watch): the
+        # pages bad now, minus those bad at its last look and those already notified.
+        g0 = self.gpa_gidx[spec.window_gpa]
+        notified = PageRanges((spec.gpa(p0), n) for p0, n in M.page_runs(
+            [p for p in range(spec.pages) if vmm.handled >> (g0 + p) & 1]))
+        d = P.file_change_notify(M.bad_ranges(spec, f.size, f.holes),
+                                 M.bad_ranges(spec, old_size, old_holes), notified,
+                                 spec.gpa(-(-f.size // abi.PAGE_SIZE)))
         vmm = vmm._replace(known=put(vmm.known, fi, (f.size, f.holes)))
         if d is not None:
             s, vmm = self._notify(s, vmm, d, -1, v)

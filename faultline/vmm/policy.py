@@ -237,31 +237,6 @@ def decide(policy: str, fault_gpa: int, cause: str, window: Window | None, *,
     return Notify((bad_range(window, fault_gpa, cause),))
 
 
-def on_file_change(window_gpa: int, window_bytes: int, old_size: int, new_size: int,
-                   holes: tuple[tuple[int, int], ...] = ()) -> Notify | None:
-    """The proactive policy's reaction to a change of a mapped file.
-
-    ``holes``: byte ranges (offset, length) punched since the last look. Returns one
-    notification for every page that became bad, or None.
-    """
-    ranges: list[tuple[int, int, str]] = []
-    r = truncation_range(window_gpa, window_bytes, old_size, new_size)
-    if r is not None:
-        ranges.append((r[0], r[1], "beyond-eof"))
-    eof_page = _pages_up(new_size)
-    for off, length in holes:
-        h = hole_range(window_gpa, window_bytes, off, length)
-        if h is None:
-            continue
-        # Pages of the hole already beyond EOF are reported as beyond-eof above.
-        first_page = (h[0] - window_gpa) >> PAGE_SHIFT
-        end_page = min(first_page + h[1], eof_page)
-        if end_page > first_page:
-            ranges.append((window_gpa + (first_page << PAGE_SHIFT), end_page - first_page,
-                           "hole"))
-    return Notify(tuple(ranges)) if ranges else None
-
-
 def _mce_fields(action_required: bool) -> tuple[int, int, int]:
     status = (MCI_STATUS_VAL | MCI_STATUS_UC | MCI_STATUS_EN | MCI_STATUS_MISCV
               | MCI_STATUS_ADDRV | MCI_STATUS_S)
@@ -284,18 +259,12 @@ def mce_encoding(gpa: int, action_required: bool) -> tuple[int, int, int, int]:
     return status, gpa, misc, mcg_status
 
 
-def pick_bare_efault_gpa(bad_gpas: list[int] | tuple[int, ...],
-                         handled: set[int] | frozenset[int]) -> int | None:
-    """Recover the GPA of a bare -EFAULT: the lowest bad GPA (from a scan of the file
-    windows) not yet handled; None if there is none (the caller gives up: abort)."""
-    fresh = [g for g in bad_gpas if g not in handled]
-    return min(fresh) if fresh else None
-
-
 def pick_bare_efault_page(bad: Iterable[tuple[int, int]],
                           handled: Container[int]) -> int | None:
-    """:func:`pick_bare_efault_gpa` over page ranges ((first gpa, npages), ascending): a
-    truncated 1 GiB window is one range, never a list of 131,072 pages."""
+    """Recover the GPA of a bare -EFAULT: the lowest bad page (``bad``: page ranges (first
+    gpa, npages), ascending, from a scan of the file windows) not yet handled; None if
+    there is none (the caller gives up: abort). Ranges: a truncated 1 GiB window is one
+    range, never a list of 131,072 pages."""
     for first, npages in bad:
         for k in range(npages):
             gpa = first + k * PAGE_SIZE

@@ -144,7 +144,7 @@ def test_the_worked_example_of_docs_designs_md() -> None:
     # docs/designs.md shows this design's matrix: the same failing properties as request
     path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "retry_exit.py"
     sc = load(STANDARD)
-    for policy, states in (("abort", 335), ("mce", 543), ("notify", 573), ("proactive", 197)):
+    for policy, states in (("abort", 335), ("mce", 543), ("notify", 575), ("proactive", 203)):
         # (docs/designs.md runs it under faultline-vmm, the profile of the shipped matrix)
         r = check_system(System(sc, str(path), policy, symmetry=True, profile="faultline-vmm"))
         assert r.states == states

@@ -1,3 +1,7 @@
+from types import SimpleNamespace
+
+from faultline.model import vmm as M
+from faultline.pages import PageRanges
 from faultline.vmm import policy as P
 
 W = 0x1_0000_0000
@@ -27,12 +31,18 @@ def test_decide():
     assert isinstance(P.decide("abort", W, "poisoned", win), P.InjectMce)
 
 
-def test_on_file_change():
-    n = P.on_file_change(W, 0x4000, 0x4000, 0x2000)
-    assert n == P.Notify(((W + 0x2000, 2, "beyond-eof"),))
-    assert P.on_file_change(W, 0x4000, 0x4000, 0x4000) is None
-    n = P.on_file_change(W, 0x4000, 0x4000, 0x4000, ((0x1000, 0x1000),))
-    assert n == P.Notify(((W + 0x1000, 1, "hole"),))
+def test_the_models_bad_pages_are_what_the_watcher_sees():
+    """The model's input to P.file_change_notify: whole hole pages below EOF and every
+    page from the one after EOF (as faultline.vmm.faults.bad_ranges)."""
+    spec = SimpleNamespace(window_gpa=W, pages=4, gpa=lambda p: W + p * P.PAGE_SIZE)
+    # 4 pages truncated to 1.5: page 1 holds EOF (still backed), 2..3 are beyond it
+    assert M.bad_ranges(spec, 0x1800, 0).ranges() == [(W + 0x2000, 2)]
+    # a hole at page 1 of a full file; a hole bit on the EOF page is not a whole page
+    assert M.bad_ranges(spec, 0x4000, 0b10).ranges() == [(W + 0x1000, 1)]
+    assert M.bad_ranges(spec, 0x1800, 0b10).ranges() == [(W + 0x2000, 2)]
+    d = P.file_change_notify(M.bad_ranges(spec, 0x2000, 0), M.bad_ranges(spec, 0x4000, 0),
+                             PageRanges(), W + 0x2000)
+    assert d == P.Notify(((W + 0x2000, 2, "beyond-eof"),))
 
 
 def test_mce_encoding_matches_qemu():
@@ -44,7 +54,27 @@ def test_mce_encoding_matches_qemu():
     assert P.MCE_BANK == 9
 
 
-def test_pick_bare_efault_gpa():
-    assert P.pick_bare_efault_gpa([W + 0x3000, W + 0x2000], set()) == W + 0x2000
-    assert P.pick_bare_efault_gpa([W + 0x3000, W + 0x2000], {W + 0x2000}) == W + 0x3000
-    assert P.pick_bare_efault_gpa([W + 0x2000], {W + 0x2000}) is None
+def test_page_runs_and_counted_pages():
+    assert M.page_runs([0, 1, 2, 5, 7, 8]) == [(0, 3), (5, 1), (7, 2)]
+    # repeats keyed gidx * vcpus + vcpu: gidx 1 counted on vCPU 1 of 2
+    counted = M.Counted(((3, 1),), {W: 0, W + 0x1000: 1}, 2)
+    assert W + 0x1000 in counted and W not in counted
+    assert P.pick_bare_efault_page([(W, 2)], counted) == W
+
+
+def test_one_vcpu_notification_no_longer_aborts_spuriously():
+    """With the notification to the faulting vCPU only (conform's MODEL_PARAMS), vCPU 0
+    faulting on a page whose record went to vCPU 1 is not a repeat (policy.count_fault:
+    per page and vCPU, in flight only for the vCPU the AR event is queued for): the VMM
+    notifies again instead of giving up."""
+    from pathlib import Path
+
+    from faultline.check.properties import check_system
+    from faultline.conform import MODEL_PARAMS
+    from faultline.model import System
+    from faultline.scenario import load
+
+    sc = load(Path(__file__).resolve().parents[2] / "scenarios" / "check-standard.toml")
+    for design in ("error-gfn", "request"):
+        r = check_system(System(sc, design, "notify", symmetry=True, **MODEL_PARAMS))
+        assert r.complete and r.failing() == [], design
