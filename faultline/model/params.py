@@ -88,6 +88,19 @@ class Params:
     # Difference 8: the address an SRAR-driven SIGBUS reports. "exact": MCi_ADDR's byte
     # (faultline's guest); "page": the page (Linux's kill_proc(), page_address_in_vma()).
     srar_kill_vaddr: str = "exact"
+    # Difference 9: QEMU's kvm_mce_inject() passes MCE_INJECT_BROADCAST (Intel guest CPU,
+    # cpu_x86_support_mca_broadcast()) unless the guest set MCG_EXT_CTL.LMCE_EN, and
+    # cpu_x86_inject_mce() then also injects bank 1 VAL|UC, MCG_STATUS MCIP|RIPV into
+    # every other vCPU. QEMU's `lmce` CPU property is off by default, so Linux's
+    # intel_init_lmce() finds no MCG_LMCE_P and never enables LMCE: broadcast.
+    # False: the SRAR reaches the faulting vCPU only (faultline's VMM; `-cpu ...,lmce=on`).
+    mce_broadcast: bool = False
+    # Difference 9: an MCE for a vCPU whose MCG_STATUS.MCIP is still set (injected, its
+    # #MC handler not finished). "queue": faultline's model delivers it after the first;
+    # "qemu": do_inject_x86_mce() drops an SRAO or the broadcast record (not AR), and
+    # for an SRAR calls qemu_system_reset_request() ("Previous MCE still in progress,
+    # raising triple fault"): the guest is reset, i.e. the run stops.
+    mce_while_mcip: str = "queue"
 
     @classmethod
     def make(cls, **params: Any) -> Params:
@@ -105,7 +118,8 @@ class Params:
         for name, choices in (("preempt", ("none", "voluntary", "full")),
                               ("readonly_store", ("sigsegv", "mmio-discard")),
                               ("apf_error_report", ("faultline", "vivek-2020")),
-                              ("srar_kill_vaddr", ("exact", "page"))):
+                              ("srar_kill_vaddr", ("exact", "page")),
+                              ("mce_while_mcip", ("queue", "qemu"))):
             if getattr(p, name) not in choices:
                 raise ValueError(f"{name} must be one of: {', '.join(choices)}")
         return p
@@ -131,6 +145,8 @@ PROFILE_PARAMS: dict[str, dict[str, Any]] = {
         "readonly_store": "mmio-discard",
         "apf_error_report": "vivek-2020",
         "srar_kill_vaddr": "page",
+        "mce_broadcast": True,
+        "mce_while_mcip": "qemu",
     },
     "faultline-vmm": {},
 }

@@ -95,6 +95,8 @@ class Access(NamedTuple):
 
 R_OK, R_RETRY, R_SLEEP, R_EXIT, R_DEAD = range(5)
 
+# The gpa of QEMU's broadcast #MC record in a vCPU's mce_queue (it carries no address).
+MCE_BROADCAST = -1
 SI_KERNEL = 0x80  # include/uapi/asm-generic/siginfo.h: sent by the kernel (SEND_SIG_PRIV)
 SEGV_ACCERR = 2  # include/uapi/asm-generic/siginfo.h: invalid permissions for the object
 SIGBUS_CODES = {abi.BUS_ADRERR: "BUS_ADRERR", abi.BUS_MCEERR_AR: "BUS_MCEERR_AR",
@@ -210,8 +212,15 @@ class System:
         self._vmm_exit_class = tuple(("vmm", "_vmm_exit", (v,)) for v in range(scenario.vcpus))
         self._file_class = tuple(("vmm", "_vmm_file_change", (fi,))
                                  for fi in range(len(scenario.files)))
-        # The memo footprint of VCPU_LOCAL_ACTIONS (the checker's contract).
-        self.memo_footprint = MemoFootprint(self.VCPU_LOCAL_ACTIONS, self.by_vcpu,
+        # The memo footprint of VCPU_LOCAL_ACTIONS (the checker's contract). QEMU's MCE
+        # broadcast makes the VMM's exit handling write every other vCPU's #MC queue and
+        # read their MCG_STATUS.MCIP (cpu_x86_inject_mce()): not vCPU-local then.
+        self.mce_broadcast = p.mce_broadcast
+        self.qemu_mcip = p.mce_while_mcip == "qemu"
+        local = self.VCPU_LOCAL_ACTIONS
+        if self.mce_broadcast:
+            local = local - {"_vmm_exit"}
+        self.memo_footprint = MemoFootprint(local, self.by_vcpu,
                                             ("files", "mem", "guest", "vmm", "fired"),
                                             ("files", "guest", "vmm"))
 
@@ -408,8 +417,9 @@ class System:
                         f"token={vc.apf_done[0].token:#x}" if names else None,
                         va, self._apf_ready, (v,)))
         elif vc.mce_queue:
-            out.append(((f"vcpu{v} guest #MC gpa={vc.mce_queue[0][0]:#x}" if names
-                         else None), va, self._guest_mce, (v,)))
+            gpa0 = vc.mce_queue[0][0]
+            out.append(((f"vcpu{v} guest #MC " + (f"gpa={gpa0:#x}" if gpa0 >= 0 else "broadcast")
+                         if names else None), va, self._guest_mce, (v,)))
         elif ring and (not self.notify_one_vcpu or any(r.vcpu == v for r in ring)):
             # The notification interrupt goes to one vCPU (the VMM's KVM_INTERRUPT);
             # the others run on meanwhile, as on real KVM.
@@ -799,6 +809,17 @@ class System:
         vc = s.vcpus[v]
         (gpa, ar, ctx), rest = vc.mce_queue[0], vc.mce_queue[1:]
         s = self.set_vcpu(s, v, vc._replace(mce_queue=rest))
+        if gpa == MCE_BROADCAST:
+            # QEMU's broadcast record (cpu_x86_inject_mce(): bank 1, VAL|UC, no S, no
+            # ADDRV). Linux's do_machine_check() on this CPU: MCG_STATUS.RIPV is set, so
+            # no kill_current_task; mce_severity() grades it KEEP ("Non signaled machine
+            # check"), nothing to act on; MCG_STATUS is cleared on the way out. The
+            # mce_start()/mce_end() rendezvous with the SRAR's CPU is not modelled: each
+            # handler runs as one step (it only widens the window in which MCIP is set).
+            self.emit("guest_mce", vcpu=v, task=-1, mcg_status=hex(P.MCG_BROADCAST),
+                      status=hex(P.MCI_BROADCAST), addr="0x0", misc="0x0", mce="broadcast",
+                      bank=1)
+            return s
         page = gpa & ~(abi.PAGE_SIZE - 1)
         g = self.gpa_gidx.get(page, -1)
         # The context the #MC interrupts is the one the vCPU left the guest in (an
@@ -1228,10 +1249,23 @@ class System:
                       status=hex(status), mcg_status=hex(mcg), misc=hex(misc),
                       mce="SRAR" if d.action_required else "SRAO")
             vc = s.vcpus[v]
+            s = s._replace(vmm=vmm._replace(handled=vmm.handled | (1 << g)))
+            if self.qemu_mcip and vc.mce_queue:
+                # do_inject_x86_mce() (QEMU target/i386/helper.c): MCG_STATUS.MCIP is still
+                # set on this vCPU. An SRAR: qemu_system_reset_request(), the guest is
+                # reset (the run stops here); an SRAO: ignored.
+                if d.action_required:
+                    return self._abort(s, f"QEMU: CPU {v}: Previous MCE still in progress, "
+                                          "raising triple fault (guest reset)")
+                self.emit("vmm_mce_ignored", vcpu=v, gpa=hex(mce_gpa), mce="SRAO",
+                          reason="MCG_STATUS.MCIP set")
+                return self._resume(s, v)
             # An SRAR interrupts the context the vCPU exited from; an SRAO needs none.
             mce = (mce_gpa, d.action_required, t if d.action_required else -1)
             s = self.set_vcpu(s, v, vc._replace(mce_queue=(*vc.mce_queue, mce)))
-            return self._resume(s._replace(vmm=vmm._replace(handled=vmm.handled | (1 << g))), v)
+            if d.action_required and self.mce_broadcast:
+                s = self._mce_broadcast(s, v)
+            return self._resume(s, v)
         if isinstance(d, P.Notify):
             # The first record carries the action-required access (NOTIFY_F_AR) when the
             # vCPU is in the faulting context: the guest spares that task from the
@@ -1253,6 +1287,26 @@ class System:
             if ar and mce_gpa & ~(abi.PAGE_SIZE - 1) == gpa:
                 return True
         return any(r.ar_page == g and r.vcpu == v for r in s.guest.ring)
+
+    def _mce_broadcast(self, s: State, v: int) -> State:
+        """QEMU's cpu_x86_inject_mce() with MCE_INJECT_BROADCAST (kvm_mce_inject(): an
+        Intel guest CPU that did not enable LMCE): run_on_cpu(do_inject_x86_mce) on every
+        other vCPU with bank 1, VAL|UC, MCG_STATUS MCIP|RIPV. That record has no AR bit,
+        so do_inject_x86_mce() ignores it on a vCPU whose MCIP is still set."""
+        vcpus = s.vcpus
+        for u, uc in enumerate(vcpus):
+            if u == v:
+                continue
+            if uc.mce_queue and self.qemu_mcip:
+                self.emit("vmm_mce_ignored", vcpu=u, mce="broadcast",
+                          reason="MCG_STATUS.MCIP set")
+                continue
+            self.emit("vmm_inject_mce", vcpu=u, gpa=None, bank=1,
+                      status=hex(P.MCI_BROADCAST), mcg_status=hex(P.MCG_BROADCAST),
+                      misc="0x0", mce="broadcast")
+            vcpus = put(vcpus, u, uc._replace(mce_queue=(*uc.mce_queue,
+                                                         (MCE_BROADCAST, False, -1))))
+        return s._replace(vcpus=vcpus)
 
     def _log_resolve(self, s: State, v: int) -> None:
         """vmm_resolve for vCPU v's pending annotated exit (no state change)."""

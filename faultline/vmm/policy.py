@@ -252,6 +252,11 @@ def _mce_fields(action_required: bool) -> tuple[int, int, int]:
 # (MCi_STATUS, MCi_MISC, MCG_STATUS) by action_required: computed once, read per injection
 MCE_FIELDS = {True: _mce_fields(True), False: _mce_fields(False)}
 
+# The record QEMU's cpu_x86_inject_mce() broadcasts to every other vCPU with
+# MCE_INJECT_BROADCAST (bank 1, no address): no AR, no S.
+MCI_BROADCAST = MCI_STATUS_VAL | MCI_STATUS_UC
+MCG_BROADCAST = MCG_STATUS_MCIP | MCG_STATUS_RIPV
+
 
 def mce_encoding(gpa: int, action_required: bool) -> tuple[int, int, int, int]:
     """(MCi_STATUS, MCi_ADDR, MCi_MISC, MCG_STATUS) as QEMU's kvm_mce_inject(); bank 9."""

@@ -148,6 +148,50 @@ def test_srar_kill_reports_the_page_under_linux_qemu() -> None:
         assert late is not None and late.vaddr == 0x8000_2018, profile  # poisoned PTE
 
 
+# --- 9: QEMU's machine-check broadcast --------------------------------------------------------
+
+def test_second_srar_during_the_broadcast_resets_the_guest_only_under_linux_qemu() -> None:
+    lq = _sim("lq9-mce-broadcast", "error-gfn", "mce", "linux-qemu")
+    assert lq.vm == "aborted" and "Previous MCE still in progress" in lq.reason
+    bcast = [e for e in lq.events if e["kind"] == "vmm_inject_mce" and e["mce"] == "broadcast"]
+    assert [e["vcpu"] for e in bcast] == [1] and bcast[0]["bank"] == 1
+    assert lq.tasks["right"].fate == "killed"
+    fv = _sim("lq9-mce-broadcast", "error-gfn", "mce", "faultline-vmm")
+    assert fv.vm == "completed"
+    assert {t.fate for t in fv.tasks.values()} == {"sigbus"}
+    assert not any(e["kind"] == "vmm_inject_mce" and e["mce"] == "broadcast"
+                   for e in fv.events)
+
+
+def test_a_guest_with_lmce_gets_no_broadcast() -> None:
+    # QEMU's `-cpu ...,lmce=on`: Linux enables LMCE, kvm_mce_inject() injects locally only.
+    out = _sim("lq9-mce-broadcast", "error-gfn", "mce", "linux-qemu", mce_broadcast=False)
+    assert out.vm == "completed"
+    assert {t.fate for t in out.tasks.values()} == {"sigbus"}
+
+
+def test_the_broadcast_record_is_harmless_on_its_own() -> None:
+    # One SRAR: the other vCPU takes the bank-1 #MC (Linux: "Non signaled machine check",
+    # KEEP) and runs on; nobody is killed for it.
+    raw = copy.deepcopy(load(SCENARIOS / "model" / "lq9-mce-broadcast.toml").raw)
+    raw["tasks"][1]["program"] = ["read dax0[1] expect=@", "exit 0"]
+    del raw["expect"]
+    out = simulate(from_dict(raw), "error-gfn", "mce", profile="linux-qemu")
+    assert out.vm == "completed" and out.tasks["right"].fate == "exited"
+    assert any(e["kind"] == "guest_mce" and e["mce"] == "broadcast" and e["vcpu"] == 1
+               for e in out.events)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_checker_finds_the_reset_only_under_linux_qemu(profile: str) -> None:
+    sc = load(SCENARIOS / "model" / "lq9-mce-broadcast.toml")
+    # check_memo: the broadcast makes the VMM's exit handling touch other vCPUs; the
+    # declared memo footprint must say so.
+    r = check_system(System(sc, "error-gfn", "mce", profile=profile), check_memo=True)
+    assert r.complete
+    assert r.properties["vm_survives"].holds is (profile == "faultline-vmm")
+
+
 # --- the plumbing ---------------------------------------------------------------------------
 
 def test_profile_defaults_and_overrides() -> None:
