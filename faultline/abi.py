@@ -66,6 +66,9 @@ BOOT_OPT_VERBOSE = 1 << 1  # the guest prints each step to the serial port
 # BENCH_PORT in a tight loop, then continues normally. The VMM treats them as plain io exits.
 BOOT_OPT_BENCH_EXITS = 1 << 2
 BENCH_PORT = 0xF2
+# outl by vCPU 0 as it boots (once before, then after each task it sets up): the progress the
+# VMM's watchdog sees before the guest reports R_BOOT (the APs only spin until then).
+BOOT_PROGRESS_PORT = 0xF3
 
 # u64 magic, u32 version, u32 nr_vcpus, u64 ram_bytes, u32 nr_windows, u32 nr_tasks,
 # u32 windows_off, u32 tasks_off, u64 options, u64 notify_ring_gpa, u32 notify_vector,

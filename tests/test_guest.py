@@ -133,6 +133,8 @@ class Guest:
             if isinstance(ex, IoOut) and ex.port == abi.SERIAL_PORT:
                 self.serial[i] += ex.data
                 continue
+            if isinstance(ex, IoOut) and ex.port == abi.BOOT_PROGRESS_PORT:
+                continue
             if isinstance(ex, Hlt) and self.idle[i]:
                 self.done[i] = True
                 return None

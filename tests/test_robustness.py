@@ -190,8 +190,22 @@ def test_random_guest_code_never_breaks_the_vmm(tmp_path: Path, code: bytes) -> 
     image = boot.KernelImage("random", abi.KERNEL_LOAD_GPA,
                              (boot.Segment(abi.KERNEL_LOAD_GPA, code, len(code)),))
     events = tmp_path / f"ev-{random.random()}.jsonl"
-    out = run_kvm(sc, "mce", events_path=events, watchdog_s=0.5, image=image)
+    # max_seconds: the backstop should random code keep "booting" (BOOT_PROGRESS_PORT outs)
+    out = run_kvm(sc, "mce", events_path=events, watchdog_s=0.5, max_seconds=30, image=image)
     assert out.vm in ("completed", "aborted", "hung")
+    assert _events(events)[-1]["kind"] == "outcome"
+
+
+@pytest.mark.kvm
+def test_a_guest_that_never_boots_is_hung_after_the_watchdog(tmp_path: Path) -> None:
+    """Before R_BOOT the watchdog watches vCPU 0's boot progress (BOOT_PROGRESS_PORT):
+    a kernel spinning in place (jmp .) is hung after watchdog_s, not after --max-seconds."""
+    sc = loads('[[tasks]]\nname = "t"\nprogram = ["exit 0"]\n', source="spin.toml")
+    image = boot.KernelImage("spin", abi.KERNEL_LOAD_GPA,
+                             (boot.Segment(abi.KERNEL_LOAD_GPA, b"\xeb\xfe", 2),))
+    events = tmp_path / "ev.jsonl"
+    out = run_kvm(sc, "mce", events_path=events, watchdog_s=0.5, max_seconds=60, image=image)
+    assert out.vm == "hung" and "did not boot" in out.reason  # the watchdog, not the budget
     assert _events(events)[-1]["kind"] == "outcome"
 
 

@@ -913,8 +913,11 @@ void kmain(u64 boot_gpa, u64 vcpu)
         for (u32 i = 0; i < boot->nr_windows; i++)
             add_region(c, w[i].gpa, w[i].bytes);
         nr_tasks = boot->nr_tasks;
-        for (u32 i = 0; i < nr_tasks; i++)
+        outl(BOOT_PROGRESS_PORT, 0);
+        for (u32 i = 0; i < nr_tasks; i++) {
             setup_task(c, i);
+            outl(BOOT_PROGRESS_PORT, i + 1);
+        }
         __atomic_store_n(&boot_state, 1, __ATOMIC_RELEASE);
     } else {
         while (__atomic_load_n(&boot_state, __ATOMIC_ACQUIRE) == 0)

@@ -59,6 +59,7 @@ class ExitLoop:
         io_out, mmio_t, hlt_t = exits.IoOut, exits.Mmio, exits.Hlt
         fault_exits = FAULT_EXITS
         report_port, serial_port = abi.REPORT_PORT, abi.SERIAL_PORT
+        boot_port = abi.BOOT_PROGRESS_PORT
         serial = bytearray()
         # Port I/O exits are counted in a local, added to the outcome when the loop ends:
         # a locked dict update per exit is ~1% of an exit's cost.
@@ -83,6 +84,8 @@ class ExitLoop:
                             m.log.emit("serial", vcpu=v.index,
                                        text=serial.decode("ascii", "replace").rstrip("\n"))
                             serial.clear()
+                    elif port == boot_port:
+                        v.last_progress = time.monotonic()
                 elif t is hlt_t:
                     if not self._on_hlt(v):
                         return

@@ -307,15 +307,23 @@ class KvmRun:
     def _over_budget(self, now: float) -> str | None:
         """Why the run must end now (hung), or None. The watchdog measures the VM's lack of
         progress: no report from any vCPU for watchdog_s (vCPUs idle or paused aside).
-        A vCPU waiting for the guest's boot (the APs spin until vCPU 0 has set up every
-        task) reports nothing: until the guest is up, only the wall-time budget counts."""
+        Until the guest is up, the APs only spin (waiting for vCPU 0 to set up every
+        task): the progress then is vCPU 0's, one BOOT_PROGRESS_PORT exit per task set up,
+        so a large guest booting on a loaded host is not hung, and a guest that never
+        boots (random code looping) is."""
         m = self.m
         if now - self._t_start > self.max_seconds:
             return f"budget: still running after {self.max_seconds:g} s (--max-seconds)"
         if self.reports.guest_steps > self.max_steps:
             return (f"budget: more than {self.max_steps} guest steps (--max-steps), "
                     f"{self.reports.guest_steps} so far")
-        if not self.reports.booted or m.monitor_paused:
+        if m.monitor_paused:
+            return None
+        if not self.reports.booted:
+            v0 = m.vcpus[0]
+            if not v0.stopped() and now - v0.last_progress > self.watchdog_s:
+                return (f"watchdog: the guest did not boot (no progress from vCPU 0 for "
+                        f"{self.watchdog_s:g} s)")
             return None
         active = [v for v in m.vcpus if not (v.waiting or v.parked or v.halted)]
         if active and now - max(v.last_progress for v in m.vcpus) > self.watchdog_s:
