@@ -31,10 +31,6 @@ def new_file(size: int, pages: int, cached: bool) -> File:
     return File(size, mask, 0, 0, 0, size)
 
 
-def beyond_eof(f: File, page: int) -> bool:
-    return (page << PAGE_SHIFT) >= f.size
-
-
 def gup_nowait(f: File, page: int, write_to_ro_vma: bool = False) -> int:
     if write_to_ro_vma:
         return GUP_EFAULT  # !vma_is_valid(): KVM_PFN_ERR_FAULT at once

@@ -70,6 +70,3 @@ class Counted:
     def __contains__(self, gpa: object) -> bool:
         return self.gpa_gidx.get(gpa, -1) in self.gidxs  # type: ignore[call-overload]
 
-
-def page_of(gpa: int) -> int:
-    return gpa & ~(PAGE_SIZE - 1)
