@@ -537,12 +537,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from faultline.backends import resolve_backend
 
     backend = resolve_backend("auto")
-    ns = argparse.Namespace(scenario=str(SCENARIOS / "dax-truncate.toml"), backend=backend,
-                            design=None if backend == "kvm" else "error-gfn", policy="mce",
-                            json=False, events=args.events, seed=None, verbose=False,
-                            watchdog=10.0, keep=False, replay=None, property=None,
-                            max_steps=DEFAULT_MAX_STEPS, max_seconds=DEFAULT_MAX_SECONDS,
-                            trace=None, qmp=None, qmp_wait=False)
+    # Through the parser, so the demo gets every option `run` has, with its defaults.
+    argv = ["run", str(SCENARIOS / "dax-truncate.toml"), "--backend", backend, "--policy", "mce"]
+    if backend == "model":
+        argv += ["--design", "error-gfn"]
+    if args.events:
+        argv += ["--events", str(args.events)]
+    ns = build_parser().parse_args(argv)
     print(f"faultline demo: scenarios/dax-truncate.toml on {backend}"
           + (" (design error-gfn: /dev/kvm is not usable here)" if backend == "model" else "")
           + ", policy mce\n")

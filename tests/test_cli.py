@@ -87,3 +87,26 @@ def test_an_unwritable_event_log_is_a_warning_not_a_lost_run() -> None:
     assert json.loads(p.stdout)["vm"] == "completed"
     assert p.stderr.strip().splitlines() == [
         "faultline: warning: event log not fully written: /dev/full: No space left on device"]
+
+
+@pytest.mark.kvm
+def test_demo_runs_the_worked_example(tmp_path: Path) -> None:
+    """`make demo`: dax-truncate under mce on real KVM, toucher killed, bystander unharmed."""
+    events = tmp_path / "ev.jsonl"
+    p = _cli("demo", "--events", str(events))
+    assert p.returncode == 0, p.stderr
+    assert "vm: completed" in p.stdout and "BUS_MCEERR_AR" in p.stdout
+    assert json.loads(events.read_text().splitlines()[-1])["kind"] == "outcome"
+
+
+def test_demo_on_the_model_where_kvm_is_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import faultline.backends
+    from faultline import cli
+
+    monkeypatch.setattr(faultline.backends, "resolve_backend", lambda backend: "model")
+    events = tmp_path / "ev.jsonl"
+    assert cli.main(["demo", "--events", str(events)]) == 0
+    out = capsys.readouterr().out
+    assert "design error-gfn" in out and "vm: completed" in out
+    assert json.loads(events.read_text().splitlines()[-1])["kind"] == "model_end"
