@@ -3,6 +3,7 @@ declared being reachable."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -271,7 +272,10 @@ def _resources() -> tuple[int, list[str], int]:
     """fds, the mappings a VMM can leak, threads. Guest RAM is a shared mapping (rw-s), a
     window has a path, kvm_run is anon_inode:kvm-vcpu: all are listed. Private anonymous
     mappings are the allocator's (CPython grows by 1 MiB arenas, [heap] moves) and are
-    not ours to hold constant; tracemalloc shows no object growth across runs."""
+    not ours to hold constant; tracemalloc shows no object growth across runs. Collected
+    first: an earlier test's unreachable objects (an asyncio loop's fds after the QEMU
+    tests) would otherwise be freed mid-measurement and count as a difference."""
+    gc.collect()
     mine = []
     for line in Path("/proc/self/maps").read_text().splitlines():
         parts = line.split(None, 5)
