@@ -9,6 +9,7 @@ a task virtual address means the same thing on ``kvm`` and on ``model``.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 PAGE_SHIFT = 12
@@ -264,6 +265,29 @@ REPORT_RECORDS: dict[int, Any] = {  # kind -> its NamedTuple
     R_IDLE: IdleReport,
     R_PANIC: PanicReport,
 }
+
+class BadReport(ValueError):
+    """A report record the guest got wrong: logged as guest_bad_report, never raised out of
+    a run."""
+
+
+def decode_report(ram: Any, gpa: int, task_names: Sequence[str]) -> tuple[int, int, str | None,
+                                                                         Any]:
+    """The record at `gpa` of guest RAM: (kind, vCPU the guest wrote, task name or None, its
+    named record from REPORT_RECORDS). Both backends (the kvm report port, QEMU's doorbell)
+    decode through this one function. Raises BadReport with the reason."""
+    if not 0 <= gpa <= len(ram) - REPORT_STRUCT.size:
+        raise BadReport(f"record gpa {gpa:#x} outside RAM")
+    kind, magic, vcpu, tix, a, b, c, d = REPORT_STRUCT.unpack_from(ram, gpa)
+    record = REPORT_RECORDS.get(kind)
+    if magic != REPORT_MAGIC or record is None:
+        raise BadReport(f"bad record at {gpa:#x}: kind {kind} magic {magic:#x}")
+    task = task_names[tix] if tix < len(task_names) else None
+    if tix != NO_TASK and task is None:
+        raise BadReport(f"{REPORT_KINDS[kind]} record names task {tix}, which does not exist")
+    return kind, vcpu, task, record._make((a, b, c, d)[:len(record._fields)])
+
+
 VALUE_OPS = {VALUE_READ: "read", VALUE_WRITE: "write", VALUE_EXEC: "exec", VALUE_KREAD: "kread"}
 
 SIGBUS = 7

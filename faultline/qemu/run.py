@@ -61,7 +61,6 @@ QUIT_TIMEOUT_S = 5.0
 PR_SET_PDEATHSIG = 1
 # KVM's per-vCPU counters sampled when a run hangs (binary stats, QMP query-stats)
 KVM_STATS = ("exits", "pf_taken", "pf_fixed", "halt_wakeup", "mmio_exits", "io_exits")
-_REPORT = abi.REPORT_STRUCT
 _PENDING = abi.REPORT_PENDING_OFFSET
 
 
@@ -94,6 +93,7 @@ class QemuRun:
         if (why := needs_real_poison(scenario)) is not None:
             raise BackendError(why)
         self.sc = scenario
+        self._task_names = tuple(t.name for t in scenario.tasks)
         self.watchdog_s = watchdog_s
         self.boot_allowance_s = boot_allowance_s
         self.keep = keep
@@ -406,80 +406,80 @@ class QemuRun:
 
     async def _report(self, qmp: Any, gpa: int) -> None:
         assert self.ram is not None
-        kind, magic, vcpu, tix, a, b, c, d = _REPORT.unpack_from(self.ram, gpa)
-        name = abi.REPORT_KINDS.get(kind)
-        if magic != abi.REPORT_MAGIC or name is None:
-            self._bad_report(f"bad record at {gpa:#x}: kind {kind} magic {magic:#x}")
-            return
-        tasks = self.sc.tasks
-        task = tasks[tix].name if tix < len(tasks) else None
-        if tix != abi.NO_TASK and task is None:
-            self._bad_report(f"{name} record names task {tix}, which does not exist")
+        try:
+            kind, vcpu, task, r = abi.decode_report(self.ram, gpa, self._task_names)
+        except abi.BadReport as e:
+            self._bad_report(str(e))
             return
         self.last_progress = time.monotonic()
         emit = self.log.emit
         if kind == abi.R_BOOT:
             self.booted = True
-            emit("guest_boot", vcpu=vcpu, tasks=b)
+            emit("guest_boot", vcpu=vcpu, tasks=r.tasks)
         elif kind == abi.R_TASK_START:
-            emit("task_start", vcpu=vcpu, task=task, insns=a)
+            emit("task_start", vcpu=vcpu, task=task, insns=r.insns)
         elif kind == abi.R_STEP and task is not None:
             prog = self.sc.task(task).program
-            emit("task_step", vcpu=vcpu, task=task, pc=a, steps=b,
-                 insn=prog[a].text if a < len(prog) else None)
-            self.steps[task] = b
-            await self._fire_triggers(qmp, task, b, vcpu)
+            emit("task_step", vcpu=vcpu, task=task, pc=r.pc, steps=r.steps,
+                 insn=prog[r.pc].text if r.pc < len(prog) else None)
+            self.steps[task] = r.steps
+            await self._fire_triggers(qmp, task, r.steps, vcpu)
         elif kind == abi.R_VALUE:
-            self._value(vcpu, task, a, b, c, d)
+            self._value(vcpu, task, r)
         elif kind == abi.R_EXIT and task is not None:
-            emit("task_exit", vcpu=vcpu, task=task, code=a)
-            self._finish_task(task, TaskOutcome("exited", a, None))
+            emit("task_exit", vcpu=vcpu, task=task, code=r.code)
+            self._finish_task(task, TaskOutcome("exited", r.code, None))
             # `exit` is a step (docs/scenarios.md) reported with R_EXIT: triggers fire here
             steps = self.steps.get(task, 0) + 1
             self.steps[task] = steps
             await self._fire_triggers(qmp, task, steps, vcpu)
         elif kind == abi.R_SIGNAL:
-            code = abi.SI_CODES.get((a, b), f"sig{a}/{b}")
-            emit("guest_signal", vcpu=vcpu, task=task, signo=a, code=code, vaddr=hex(c),
-                 gpa=hex(d))
+            code = abi.SI_CODES.get((r.signo, r.si_code), f"sig{r.signo}/{r.si_code}")
+            emit("guest_signal", vcpu=vcpu, task=task, signo=r.signo, code=code,
+                 vaddr=hex(r.vaddr), gpa=hex(r.gpa))
             if task is not None:
-                self._finish_task(task, TaskOutcome(signal_fate(a), None, Signal(code, c)))
+                self._finish_task(task, TaskOutcome(signal_fate(r.signo), None,
+                                                    Signal(code, r.vaddr)))
         elif kind == abi.R_OFFLINE:
-            npages = max(1, min(c, 1 << 20))
-            self.outcome.offlined.update(range(a, a + npages * abi.PAGE_SIZE, abi.PAGE_SIZE))
-            emit("guest_memory_failure", vcpu=vcpu, gpa=hex(a), pages=npages, source=b)
+            npages = max(1, min(r.pages, 1 << 20))
+            self.outcome.offlined.update(range(r.gpa, r.gpa + npages * abi.PAGE_SIZE,
+                                               abi.PAGE_SIZE))
+            emit("guest_memory_failure", vcpu=vcpu, gpa=hex(r.gpa), pages=npages,
+                 source=r.source)
         elif kind == abi.R_EXCEPTION:
-            emit("guest_exception", vcpu=vcpu, task=task, vector=a, error_code=hex(b),
-                 rip=hex(c), cr2=hex(d))
+            emit("guest_exception", vcpu=vcpu, task=task, vector=r.vector,
+                 error_code=hex(r.error_code), rip=hex(r.rip), cr2=hex(r.cr2))
         elif kind == abi.R_IDLE:
             emit("vcpu_idle", vcpu=vcpu)
             self.idle.add(vcpu)
         elif kind == abi.R_PANIC:
-            what = abi.PANIC_NAMES.get(a, f"unknown panic code {a}")
-            emit("guest_panic", vcpu=vcpu, code=a, what=what, detail=[hex(b), hex(c), hex(d)])
+            what = abi.PANIC_NAMES.get(r.code, f"unknown panic code {r.code}")
+            emit("guest_panic", vcpu=vcpu, code=r.code, what=what,
+                 detail=[hex(r.detail1), hex(r.detail2), hex(r.detail3)])
             self._end("aborted", f"guest panic on vCPU {vcpu}: {what}")
         else:  # R_MCE, R_NOTIFY: QEMU injected nothing of ours; log what the guest said
-            emit(f"guest_{name}", vcpu=vcpu, task=task, a=hex(a), b=hex(b), c=hex(c), d=hex(d))
-        if len(self.finished_tasks) == len(tasks) and len(self.idle) >= self.sc.vcpus:
+            emit(f"guest_{abi.REPORT_KINDS[kind]}", vcpu=vcpu, task=task,
+                 **{k: hex(x) for k, x in r._asdict().items()})
+        if len(self.finished_tasks) == len(self.sc.tasks) and len(self.idle) >= self.sc.vcpus:
             self.ending = True  # completed: the quit that follows is ours
             self.done.set()
 
-    def _value(self, vcpu: int, task: str | None, a: int, b: int, c: int, d: int) -> None:
-        kinds = ("read", "write", "exec", "kread")
-        kind = kinds[d] if d < len(kinds) else str(d)
-        self.log.emit("guest_value", vcpu=vcpu, task=task, op=kind, vaddr=hex(a), value=hex(b),
-                      gpa=hex(c))
+    def _value(self, vcpu: int, task: str | None, r: abi.ValueReport) -> None:
+        kind = abi.VALUE_OPS.get(r.op, str(r.op))
+        self.log.emit("guest_value", vcpu=vcpu, task=task, op=kind, vaddr=hex(r.vaddr),
+                      value=hex(r.value), gpa=hex(r.gpa))
         f = next((f for f in self.sc.files
-                  if f.window_gpa <= c < f.window_gpa + f.window_bytes), None)
+                  if f.window_gpa <= r.gpa < f.window_gpa + f.window_bytes), None)
         if f is None:
             return
         if kind == "write":
-            self.writes[c] = b
+            self.writes[r.gpa] = r.value
             return
-        offset = (c & ~(abi.PAGE_SIZE - 1)) - f.window_gpa
+        offset = (r.gpa & ~(abi.PAGE_SIZE - 1)) - f.window_gpa
         if offset >= os.fstat(self.fds[f.name]).st_size:
             self.outcome.bad_values.append(
-                f"task {task} read {b:#x} from gpa {c:#x}, a page that cannot be backed")
+                f"task {task} read {r.value:#x} from gpa {r.gpa:#x}, a page that cannot be "
+                "backed")
 
     def _bad_report(self, why: str) -> None:
         self.bad_reports += 1

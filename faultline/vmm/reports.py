@@ -17,8 +17,6 @@ from faultline import abi
 from faultline.outcome import Signal, TaskOutcome
 from faultline.vmm.machine import Machine, VcpuState
 
-_REPORT = abi.REPORT_STRUCT
-_REPORT_SIZE = abi.REPORT_STRUCT.size
 MAX_BAD_REPORTS = 64  # a guest that keeps writing garbage is stopped, not logged forever
 
 
@@ -43,6 +41,7 @@ class ReportPort:
         self.steps: dict[str, int] = {}  # task -> steps done (what the guest last said)
         self.guest_steps = 0  # every task's steps together (the run's step budget)
         self.booted = False  # a vCPU reported R_BOOT: vCPU 0 has set up every task
+        self._task_names = tuple(t.name for t in m.sc.tasks)
         self._handlers: dict[int, Callable[[VcpuState, str | None, Any], None]] = {
             abi.R_BOOT: self._boot,
             abi.R_TASK_START: self._task_start,
@@ -62,22 +61,13 @@ class ReportPort:
         """An ``outl`` to the report port by vCPU v: `gpa` is the record's address."""
         ram = self.m.ram_view
         assert ram is not None
-        if not 0 <= gpa <= len(ram) - _REPORT_SIZE:
-            self._bad(v, f"record gpa {gpa:#x} outside RAM")
-            return
-        kind, magic, _vcpu, tix, a, b, c, d = _REPORT.unpack_from(ram, gpa)
-        record = abi.REPORT_RECORDS.get(kind)
-        if magic != abi.REPORT_MAGIC or record is None:
-            self._bad(v, f"bad record at {gpa:#x}: kind {kind} magic {magic:#x}")
-            return
-        tasks = self.m.sc.tasks
-        task = tasks[tix].name if tix < len(tasks) else None
-        if tix != abi.NO_TASK and task is None:
-            self._bad(v, f"{abi.REPORT_KINDS[kind]} record names task {tix}, which does not "
-                         "exist")
+        try:
+            kind, _vcpu, task, record = abi.decode_report(ram, gpa, self._task_names)
+        except abi.BadReport as e:
+            self._bad(v, str(e))
             return
         v.last_progress = time.monotonic()
-        self._handlers[kind](v, task, record._make((a, b, c, d)[:len(record._fields)]))
+        self._handlers[kind](v, task, record)
 
     def _bad(self, v: VcpuState, why: str) -> None:
         self.bad_reports += 1
