@@ -25,6 +25,7 @@ from typing import IO, Any, NoReturn
 from faultline.outcome import EventLog, Outcome, check
 from faultline.scenario import (
     DESIGNS,
+    GUEST_CPUS,
     POLICIES,
     PREEMPTS,
     PROFILES,
@@ -45,6 +46,43 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"faultline: error: {message} (see: {self.prog} --help)\n")
+
+
+def add_cpu_args(p: argparse.ArgumentParser) -> None:
+    """--cpu, --no-succor, --no-mcg-ser-p: the linux-qemu guest CPU's machine-check set-up
+    (docs/linux-qemu.md, section 9), for run --backend model, check and conform."""
+    p.add_argument("--cpu", choices=GUEST_CPUS,
+                   help="model, linux-qemu: the guest CPU QEMU presents, its machine-check "
+                        "encoding and broadcast (default: the scenario's [vm] cpu, else "
+                        "intel)")
+    p.add_argument("--no-succor", dest="succor", action="store_false", default=None,
+                   help="model, linux-qemu, --cpu amd: no SUCCOR in the guest's CPUID "
+                        "(QEMU <= 9.0; Linux then panics on an SRAR)")
+    p.add_argument("--no-mcg-ser-p", dest="mcg_ser_p", action="store_false", default=None,
+                   help="model, linux-qemu: a guest CPU without MCG_SER_P (QEMU injects no "
+                        "machine check: it exits on an action-required one)")
+
+
+def cpu_params(args: argparse.Namespace, profiles: Sequence[str | None]) -> dict[str, Any]:
+    """The model parameters --cpu / --no-succor / --no-mcg-ser-p ask for ({} for none).
+    ``profiles``: the profiles the model runs under (None: a scenario's own, else
+    linux-qemu); raises UsageError (one line, exit 2) when they do not fit."""
+    from faultline.backends import UsageError
+
+    out: dict[str, Any] = {}
+    if getattr(args, "cpu", None) is not None:
+        out["guest_cpu"] = args.cpu
+    if getattr(args, "succor", None) is False:
+        if out.get("guest_cpu") != "amd":
+            raise UsageError("--no-succor is for an AMD guest CPU: add --cpu amd")
+        out["amd_succor"] = False
+    if getattr(args, "mcg_ser_p", None) is False:
+        out["mcg_ser_p"] = False
+    if out and "faultline-vmm" in profiles:
+        flag = "--cpu" if "guest_cpu" in out else "--no-mcg-ser-p"
+        raise UsageError(f"{flag} is for the model's linux-qemu profile (faultline's VMM "
+                         "injects Intel's encoding)")
+    return out
 
 
 def positive_float(text: str) -> float:
@@ -181,6 +219,10 @@ def _pick_backend(args: argparse.Namespace) -> str:
                                   is not None),
                                  ("--profile", getattr(args, "profile", None)
                                   not in (None, "faultline-vmm")),
+                                 ("--cpu", getattr(args, "cpu", None) is not None),
+                                 ("--no-succor", getattr(args, "succor", None) is False),
+                                 ("--no-mcg-ser-p", getattr(args, "mcg_ser_p", None)
+                                  is False),
                                  ("--seed", args.seed is not None),
                                  ("--replay", args.replay is not None)) if v]
     if args.backend == "auto" and model_only:
@@ -235,6 +277,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise UsageError("--preempt is for the model's linux-qemu profile "
                                  "(use --backend model)")
             kw["preempt"] = args.preempt
+        cpu = cpu_params(args, [args.profile or sc.profile])
+        if cpu and backend != "model":
+            raise UsageError("--cpu, --no-succor and --no-mcg-ser-p are for the model's "
+                             "linux-qemu profile (use --backend model)")
+        kw.update(cpu)
         if args.replay:
             kw["schedule"] = _load_replay(args.replay, sc.name, design, policy, args.property)
         if args.qmp_wait and not args.qmp:
@@ -377,12 +424,18 @@ def cmd_conform(args: argparse.Namespace) -> int:
     """Run scenarios on kvm and on the model (memory-fault-exit, APF off); exit 1 on any
     difference, 130 when interrupted (the pairs compared so far are printed)."""
     from faultline import conform
+    from faultline.backends import UsageError
+    from faultline.model.params import Params
 
     try:
         scenarios = conform.load_all(args.scenarios)
-    except ScenarioError as e:
+        cpu = cpu_params(args, [args.profile])
+    except (ScenarioError, UsageError) as e:
         _err(str(e))
         return EXIT_USAGE
+    # The guest CPU's set-up, when not the default, next to the profile in the title.
+    label = Params.make(**cpu).cpu_label()
+    shown = f"{args.profile}, {label}" if label else args.profile
     try:
         events_dir = _new_run_dir("conform")
     except OutputError as e:
@@ -390,11 +443,11 @@ def cmd_conform(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     run = conform.conform_interruptible(scenarios, events_dir=events_dir,
                                         progress=not args.json and sys.stderr.isatty(),
-                                        profile=args.profile)
+                                        profile=args.profile, params=cpu)
     if args.json:
         print(conform.dumps(run.results))
     else:
-        conform.render(run.results, profile=args.profile)
+        conform.render(run.results, profile=shown)
     if run.interrupted:
         _err(f"interrupted: {len(run.results)} of {run.total} scenario x policy pairs "
              "compared")
@@ -582,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preempt", choices=PREEMPTS,
                    help="model, linux-qemu: the guest's preemption model (default: the "
                         "scenario's [vm] preempt, else voluntary)")
+    add_cpu_args(r)
     r.add_argument("--watchdog", type=positive_float, default=10.0, metavar="SECONDS",
                    help="kvm, qemu: seconds without progress before the run is declared hung "
                         "(default 10)")
@@ -621,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--profile", choices=PROFILES, default="faultline-vmm",
                    help="the model's profile (default faultline-vmm: what the kvm backend "
                         "is; linux-qemu shows where Linux + QEMU would differ)")
+    add_cpu_args(c)
     c.set_defaults(func=cmd_conform)
 
     cq = sub.add_parser("compare", help="the scenario on QEMU and on faultline's VMM per "

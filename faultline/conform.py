@@ -179,21 +179,24 @@ def _run_dir(log: EventLog) -> str | None:
     return None
 
 
-def model_params(profile: str = "faultline-vmm") -> dict[str, Any]:
+def model_params(profile: str = "faultline-vmm",
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The model's parameters for a comparison under `profile`: MODEL_PARAMS, except that
     under another profile the kernel's own setting replaces the host's async_without_pv
-    (linux-qemu: async faults without PV, docs/linux-qemu.md difference 1)."""
-    params = {**MODEL_PARAMS, "profile": profile}
+    (linux-qemu: async faults without PV, docs/linux-qemu.md difference 1). ``extra``:
+    more (conform --cpu: the linux-qemu guest CPU's)."""
+    params = {**MODEL_PARAMS, "profile": profile, **(extra or {})}
     if profile != "faultline-vmm":
         del params["async_without_pv"]
     return params
 
 
 def compare_pair(sc: Scenario, policy: str, *, events_dir: Path | None = None,
-                 watchdog_s: float = 10.0, profile: str = "faultline-vmm") -> Comparison:
-    """Run `sc` under `policy` on kvm and on the model (under `profile`) and compare the
-    outcomes."""
-    params = model_params(profile)
+                 watchdog_s: float = 10.0, profile: str = "faultline-vmm",
+                 params: dict[str, Any] | None = None) -> Comparison:
+    """Run `sc` under `policy` on kvm and on the model (under `profile`, with the model
+    parameters `params` on top) and compare the outcomes."""
+    params = model_params(profile, params)
     from faultline.model.simulate import simulate
     from faultline.vmm.runner import BackendError, run_kvm
 
@@ -267,13 +270,14 @@ def _exhaustive_match(msc: Scenario, policy: str, kvm: dict[str, Any],
 
 
 def conform(scenarios: Iterable[Scenario], *, policies: Sequence[str] | None = None,
-            events_dir: Path | None = None, profile: str = "faultline-vmm"
-            ) -> list[Comparison]:
+            events_dir: Path | None = None, profile: str = "faultline-vmm",
+            params: dict[str, Any] | None = None) -> list[Comparison]:
     """Every scenario under every policy it lists (or `policies`)."""
     out = []
     for sc in scenarios:
         for policy in policies or sc.policies:
-            out.append(compare_pair(sc, policy, events_dir=events_dir, profile=profile))
+            out.append(compare_pair(sc, policy, events_dir=events_dir, profile=profile,
+                                    params=params))
     return out
 
 
@@ -287,8 +291,8 @@ class ConformRun:
 def conform_interruptible(scenarios: Sequence[Scenario], *,
                           policies: Sequence[str] | None = None,
                           events_dir: Path | None = None,
-                          progress: bool = False, profile: str = "faultline-vmm"
-                          ) -> ConformRun:
+                          progress: bool = False, profile: str = "faultline-vmm",
+                          params: dict[str, Any] | None = None) -> ConformRun:
     """As :func:`conform`, but Ctrl-C (or SIGTERM) stops it at once and keeps the pairs
     compared so far; ``progress`` shows a progress bar on stderr (for a terminal)."""
     from faultline.vmm.runner import Interrupted
@@ -307,7 +311,7 @@ def conform_interruptible(scenarios: Sequence[Scenario], *,
             if bar is not None:
                 bar.update(task, description=f"{sc.name} [{policy}]")
             run.results.append(compare_pair(sc, policy, events_dir=events_dir,
-                                            profile=profile))
+                                            profile=profile, params=params))
             if bar is not None:
                 bar.advance(task)
     except (KeyboardInterrupt, Interrupted):

@@ -28,6 +28,9 @@ DEFAULT_PROFILE = {"kvm": "faultline-vmm", "model": "linux-qemu", "qemu": "qemu"
 # The guest kernel's preemption model (linux-qemu only): CONFIG_PREEMPT_NONE,
 # CONFIG_PREEMPT_VOLUNTARY, CONFIG_PREEMPT (full).
 PREEMPTS = ("none", "voluntary", "full")
+# The guest CPU QEMU presents (linux-qemu only): its machine-check encoding, broadcast and
+# the guest's grading of a machine check differ (docs/linux-qemu.md, section 9).
+GUEST_CPUS = ("intel", "amd")
 EVENT_ACTIONS = ("truncate", "extend", "punch-hole", "poison", "write")
 PATTERNS = ("offset", "zero", "ret")
 FATES = ("exited", "sigbus", "sigsegv", "killed", "hung", "lost")
@@ -189,6 +192,11 @@ class Scenario:
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
     profile: str | None = None  # [vm] profile: the model's default profile for this scenario
     preempt: str | None = None  # [vm] preempt: the linux-qemu guest's preemption model
+    # [vm] cpu / amd_succor / mcg_ser_p: the linux-qemu guest CPU's machine-check set-up
+    # (faultline.model.params: guest_cpu, amd_succor, mcg_ser_p); None: the default.
+    cpu: str | None = None
+    amd_succor: bool | None = None
+    mcg_ser_p: bool | None = None
 
     def file(self, name: str) -> FileSpec:
         for f in self.files:
@@ -324,7 +332,8 @@ def _parse_ref_text(source: str, key: str, text: str) -> tuple[str, int, int]:
 
 _TOP_KEYS = ("name", "description", "policies", "design", "vm", "files", "tasks", "events",
              "expect")
-_VM_KEYS = ("vcpus", "ram", "apf", "verbose", "profile", "preempt")
+_VM_KEYS = ("vcpus", "ram", "apf", "verbose", "profile", "preempt", "cpu", "amd_succor",
+            "mcg_ser_p")
 _FILE_KEYS = ("name", "size", "pattern", "window_gpa", "window_size", "access", "path")
 _TASK_KEYS = ("name", "vcpu", "program", "maps", "early_kill")
 _EVENT_KEYS = ("action", "file", "size", "offset", "length", "value", "after", "by")
@@ -405,6 +414,10 @@ def from_dict(raw: dict[str, Any], *, source: str = "<scenario>",
     verbose = _bool(source, "vm.verbose", vm.get("verbose", False))
     profile = _str(source, "vm.profile", vm["profile"], PROFILES) if "profile" in vm else None
     preempt = _str(source, "vm.preempt", vm["preempt"], PREEMPTS) if "preempt" in vm else None
+    cpu = _str(source, "vm.cpu", vm["cpu"], GUEST_CPUS) if "cpu" in vm else None
+    amd_succor = (_bool(source, "vm.amd_succor", vm["amd_succor"]) if "amd_succor" in vm
+                  else None)
+    mcg_ser_p = _bool(source, "vm.mcg_ser_p", vm["mcg_ser_p"]) if "mcg_ser_p" in vm else None
 
     policies = _names(source, "policies", raw.get("policies", ["mce"]), POLICIES)
     if not policies:
@@ -426,7 +439,8 @@ def from_dict(raw: dict[str, Any], *, source: str = "<scenario>",
         for i, e in enumerate(_list(source, "expect", raw.get("expect", [])))
     )
     return Scenario(name, source, description, vcpus, ram_bytes, apf, verbose, files, tasks,
-                    events, policies, design, expectations, raw, profile, preempt)
+                    events, policies, design, expectations, raw, profile, preempt, cpu,
+                    amd_succor, mcg_ser_p)
 
 
 def _parse_files(source: str, items: list[Any], ram_bytes: int) -> tuple[FileSpec, ...]:

@@ -40,6 +40,10 @@ MCI_STATUS_ADDRV = 1 << 58
 MCI_STATUS_PCC = 1 << 57
 MCI_STATUS_S = 1 << 56
 MCI_STATUS_AR = 1 << 55
+# AMD (QEMU target/i386/cpu.h, Linux asm/mce.h): a deferred error, and poisoned data
+# consumed (the address is usable: Linux's amd_mce_usable_address()).
+MCI_STATUS_DEFERRED = 1 << 44
+MCI_STATUS_POISON = 1 << 43
 
 MCG_STATUS_RIPV = 1 << 0
 MCG_STATUS_EIPV = 1 << 1

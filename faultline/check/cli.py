@@ -1,5 +1,6 @@
 """``faultline check [SCENARIO ...] [--design D ...] [--policy P ...] [--profile P ...]
-[--json] [--workers N] [--max-states N] [--timeout S] [--counterexample PROPERTY]``.
+[--cpu intel|amd] [--no-succor] [--no-mcg-ser-p] [--json] [--workers N] [--max-states N]
+[--timeout S] [--counterexample PROPERTY]``.
 
 With no scenario: the standard configurations (CONFIGURATIONS: the seed's race, a
 kernel-mode access, a guest without PV APF, poison racing an async PF, a task that may
@@ -52,7 +53,7 @@ class _Several(argparse.Action):
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from faultline.cli import positive_float, positive_int
+    from faultline.cli import add_cpu_args, positive_float, positive_int
 
     p = subparsers.add_parser(
         "check", help="exhaustively check the model (design x policy)",
@@ -75,6 +76,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--profile", nargs="+", action=_Several, metavar="PROFILE",
                    help=f"one or more of: {', '.join(PROFILES)} (docs/linux-qemu.md; "
                         "default: a scenario's own [vm] profile, else linux-qemu)")
+    add_cpu_args(p)
     p.add_argument("--json", action="store_true",
                    help="print the matrix as JSON (run --replay takes this file)")
     p.add_argument("--workers", type=positive_int, default=None,
@@ -114,12 +116,21 @@ def main(args: argparse.Namespace) -> int:
         print(f"faultline: error: {e}", file=sys.stderr)
         return 2
     designs = [*(args.design or []), *args.design_file] if args.design_file else args.design
+    from faultline.backends import UsageError
+    from faultline.cli import cpu_params
+
+    try:
+        # (cells of a scenario pinned to faultline-vmm run without them: check_cell)
+        cpu = cpu_params(args, args.profile or [None])
+    except UsageError as e:
+        print(f"faultline: error: {e}", file=sys.stderr)
+        return 2
     try:
         result = check_matrix([str(p) for p in paths], designs, args.policy,
                               args.workers, max_states=args.max_states,
                               timeout_s=args.timeout,
                               progress=not args.json and sys.stderr.isatty(),
-                              profiles=args.profile)
+                              profiles=args.profile, params=cpu or None)
     except DesignError as e:  # a design file's hook failed in a cell: the user's input
         print(f"faultline: error: {e}", file=sys.stderr)
         return 2

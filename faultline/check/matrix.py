@@ -31,19 +31,29 @@ MATRIX_POLICIES = POLICIES
 
 
 def check_cell(scenario_path: str, design: str, policy: str, max_states: int = 5_000_000,
-               timeout_s: float | None = None, profile: str | None = None) -> dict[str, Any]:
-    """One cell, in whatever process runs it (picklable arguments, JSON-able result)."""
+               timeout_s: float | None = None, profile: str | None = None,
+               params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One cell, in whatever process runs it (picklable arguments, JSON-able result).
+    ``params``: model parameters for the cell (check --cpu: the guest CPU's, which are
+    for the linux-qemu profile only, so a scenario pinned to faultline-vmm runs
+    without them)."""
     from faultline.check.properties import check_system
     from faultline.model import System
+    from faultline.model.params import DEFAULT_PROFILE
 
     sc = load(scenario_path)
+    if (profile or sc.profile or DEFAULT_PROFILE) != "linux-qemu":
+        params = None
     # Symmetry reduction on (a no-op unless the scenario has interchangeable tasks: see
     # System._symmetry_groups); a counterexample then replays with canonical=True.
     # `design`: a shipped design's name or a design file (.py), loaded in this process.
-    system = System(sc, design, policy, symmetry=True, profile=profile)
+    system = System(sc, design, policy, symmetry=True, profile=profile, **(params or {}))
     r = check_system(system, max_states=max_states, timeout_s=timeout_s)
     cell: dict[str, Any] = {"design": system.design, "policy": policy, "scenario": sc.name,
                             "profile": system.profile}
+    cpu = system.params.cpu_label()
+    if cpu:
+        cell["cpu"] = cpu
     cell.update(r.to_json())
     cell["explore_seconds"] = round(r.explore_seconds, 3)
     return cell
@@ -135,15 +145,17 @@ class _Workers:
 def check_matrix(scenario_paths: Sequence[str | Path], designs: Sequence[str] | None = None,
                  policies: Sequence[str] | None = None, workers: int | None = None, *,
                  max_states: int = 5_000_000, timeout_s: float | None = None,
-                 progress: bool = False, profiles: Sequence[str | None] | None = None
-                 ) -> dict[str, Any]:
+                 progress: bool = False, profiles: Sequence[str | None] | None = None,
+                 params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every cell, in parallel processes. Ctrl-C (KeyboardInterrupt) stops at once: the
     workers are killed and the result holds the cells finished so far, with
     ``"interrupted": true``. ``profiles``: each scenario under each (None: the scenario's
-    own ``[vm] profile``, else the model's default, linux-qemu)."""
+    own ``[vm] profile``, else the model's default, linux-qemu). ``params``: model
+    parameters for every linux-qemu cell (the guest CPU's: check --cpu)."""
     designs = list(designs or MATRIX_DESIGNS)
     policies = list(policies or MATRIX_POLICIES)
-    jobs = [(str(p), d, pol, max_states, timeout_s, prof) for prof in (profiles or [None])
+    jobs = [(str(p), d, pol, max_states, timeout_s, prof, params)
+            for prof in (profiles or [None])
             for p in scenario_paths for d in designs for pol in policies]
     workers = workers or os.cpu_count() or 1
     t0 = time.perf_counter()
@@ -207,7 +219,9 @@ def render(result: dict[str, Any], console: Any = None) -> None:
     console = console or make_console()
     by_scenario: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for c in result["cells"]:
-        by_scenario.setdefault((c["scenario"], c.get("profile", "")), []).append(c)
+        # The guest CPU's set-up, when not the default, next to the profile's name.
+        profile = c.get("profile", "") + (f", {c['cpu']}" if c.get("cpu") else "")
+        by_scenario.setdefault((c["scenario"], profile), []).append(c)
     for (name, profile), cells in by_scenario.items():
         designs = list(dict.fromkeys(c["design"] for c in cells))
         policies = list(dict.fromkeys(c["policy"] for c in cells))

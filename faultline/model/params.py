@@ -8,6 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from faultline.model import kvm as K
+from faultline.scenario import GUEST_CPUS
+
+# The guest-CPU parameters: QEMU + Linux behaviours, so for the linux-qemu profile only
+# (a scenario's [vm] cpu / amd_succor / mcg_ser_p, the CLI's --cpu, --no-succor,
+# --no-mcg-ser-p).
+CPU_PARAMS = ("guest_cpu", "amd_succor", "mcg_ser_p")
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,25 @@ class Params:
     # for an SRAR calls qemu_system_reset_request() ("Previous MCE still in progress,
     # raising triple fault"): the guest is reset, i.e. the run stops.
     mce_while_mcip: str = "queue"
+    # Difference 9, the guest CPU QEMU presents (linux-qemu only; faultline's VMM injects
+    # Intel's encoding). "intel": as above. "amd" (IS_AMD_CPU(env)), as QEMU >= 9.1 does it
+    # (John Allen's "i386: Fix MCE support for AMD hosts", June 2024): kvm_mce_inject()
+    # encodes an SRAR as UC|POISON (MCG_STATUS MCIP|RIPV|EIPV) and an SRAO as a deferred
+    # error, DEFERRED|POISON; cpu_x86_support_mca_broadcast() returns 0 (no broadcast);
+    # and the guest grades the record with Linux's mce_severity_amd(): a deferred error is
+    # left to machine_check_poll() -> uc_decode_notifier() -> memory_failure() later.
+    guest_cpu: str = "intel"
+    # AMD only: CPUID 0x80000007 EBX bit 1 (SUCCOR) in the guest. Linux's
+    # mce_severity_amd() panics on any uncorrected error without it ("Uncorrected error
+    # without MCA Recovery"). QEMU >= 9.1 offers it (kvm_arch_get_supported_cpuid(); the
+    # same June 2024 series), e.g. `-cpu host`, EPYC-Genoa; QEMU <= 9.0 (7.2 here) never
+    # does. False: such a QEMU, or a CPU model without `succor`.
+    amd_succor: bool = True
+    # MCG_SER_P in the guest's MCG_CAP (QEMU's MCE_CAP_DEF where KVM supports it). False:
+    # a CPU model without MCA recovery: kvm_arch_on_sigbus_vcpu() injects nothing; an AR
+    # SIGBUS ends QEMU (hardware_memory_error(): "QEMU got Hardware memory error",
+    # exit(1)), an AO one is ignored (MEMORY_FAILURE_ACTION_IGNORE).
+    mcg_ser_p: bool = True
 
     @classmethod
     def make(cls, **params: Any) -> Params:
@@ -119,13 +144,25 @@ class Params:
                               ("readonly_store", ("sigsegv", "mmio-discard")),
                               ("apf_error_report", ("faultline", "vivek-2020")),
                               ("srar_kill_vaddr", ("exact", "page")),
-                              ("mce_while_mcip", ("queue", "qemu"))):
+                              ("mce_while_mcip", ("queue", "qemu")),
+                              ("guest_cpu", GUEST_CPUS)):
             if getattr(p, name) not in choices:
                 raise ValueError(f"{name} must be one of: {', '.join(choices)}")
         return p
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def cpu_label(self) -> str:
+        """The guest CPU's machine-check set-up in a few words, "" for the default (an
+        Intel guest with MCG_SER_P): shown next to the profile's name."""
+        parts = []
+        if self.guest_cpu != "intel":
+            parts.append(f"cpu {self.guest_cpu}"
+                         + ("" if self.amd_succor else " without SUCCOR"))
+        if not self.mcg_ser_p:
+            parts.append("no MCG_SER_P")
+        return ", ".join(parts)
 
 
 DEFAULT_PARAMS: dict[str, Any] = Params().as_dict()

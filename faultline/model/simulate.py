@@ -80,8 +80,12 @@ def _run(system: System, log: EventLog, outcome: Outcome, seed: int | None, max_
     actor_pos = {a: i for i, a in enumerate(actors)}
     rng = random.Random(seed) if seed is not None else None
     ptr = 0
+    # The guest CPU's machine-check set-up next to the profile, when it is not the default.
+    extra: dict[str, Any] = {}
+    if system.params.cpu_label():
+        extra["guest_cpu"] = system.params.cpu_label()
     log.emit("model_start", profile=system.profile, design=system.design, policy=system.policy,
-             params=system.params.as_dict())
+             params=system.params.as_dict(), **extra)
     state = system.init()
     seen: dict[Any, int] = {}
     visits: dict[Any, int] = {}

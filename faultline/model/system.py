@@ -34,7 +34,13 @@ from faultline.model import hostmm as H
 from faultline.model import kvm as K
 from faultline.model import vmm as M
 from faultline.model.design import Design
-from faultline.model.params import DEFAULT_PARAMS, DEFAULT_PROFILE, PROFILE_PARAMS, Params
+from faultline.model.params import (
+    CPU_PARAMS,
+    DEFAULT_PARAMS,
+    DEFAULT_PROFILE,
+    PROFILE_PARAMS,
+    Params,
+)
 from faultline.model.properties import PROPERTIES
 from faultline.model.state import (
     EXIT_BARE_EFAULT,
@@ -139,6 +145,18 @@ class System:
         base = dict(PROFILE_PARAMS[self.profile])
         if scenario.preempt is not None:
             base["preempt"] = scenario.preempt
+        if self.profile == "linux-qemu":
+            # The guest CPU QEMU presents: QEMU + Linux behaviours, not faultline's VMM's.
+            for name, value in (("guest_cpu", scenario.cpu),
+                                ("amd_succor", scenario.amd_succor),
+                                ("mcg_ser_p", scenario.mcg_ser_p)):
+                if value is not None:
+                    base[name] = value
+        else:
+            odd = [n for n in CPU_PARAMS if n in params and params[n] != DEFAULT_PARAMS[n]]
+            if odd:
+                raise ValueError(f"{odd[0]} is for the linux-qemu profile (faultline's VMM "
+                                 "injects Intel's encoding into a guest with MCG_SER_P)")
         self.params = p = Params.make(**{**base, **params})
         self.sc = scenario
         self.policy = policy
@@ -215,7 +233,9 @@ class System:
         # The memo footprint of VCPU_LOCAL_ACTIONS (the checker's contract). QEMU's MCE
         # broadcast makes the VMM's exit handling write every other vCPU's #MC queue and
         # read their MCG_STATUS.MCIP (cpu_x86_inject_mce()): not vCPU-local then.
-        self.mce_broadcast = p.mce_broadcast
+        # An AMD guest CPU: cpu_x86_support_mca_broadcast() returns 0 (QEMU >= 9.1).
+        self.amd = p.guest_cpu == "amd"
+        self.mce_broadcast = p.mce_broadcast and not self.amd
         self.qemu_mcip = p.mce_while_mcip == "qemu"
         local = self.VCPU_LOCAL_ACTIONS
         if self.mce_broadcast:
@@ -825,7 +845,7 @@ class System:
         # The context the #MC interrupts is the one the vCPU left the guest in (an
         # exception is injected before a pending interrupt, such as a page-ready one).
         t = ctx if ctx >= 0 and s.tasks[ctx].status == TS_RUN else -1
-        status, addr, misc, mcg = P.mce_encoding(gpa, ar)
+        status, addr, misc, mcg = P.mce_encoding(gpa, ar, self.params.guest_cpu)
         self.emit("guest_mce", vcpu=v, task=t, mcg_status=hex(mcg), status=hex(status),
                   addr=hex(addr), misc=hex(misc), mce="SRAR" if ar else "SRAO")
         if g < 0:
@@ -833,9 +853,19 @@ class System:
         if ar and (t < 0 or not self._touching(s, t, g)):
             # An SRAR in a context whose access did not touch the page (right_victim).
             s = s._replace(guest=s.guest._replace(wrong_mce=1))
-        if not ar and self.params.srao_workqueue:
+        if ar and self.amd and not self.params.amd_succor:
+            # Linux's mce_severity_amd(): UC set and no SUCCOR in CPUID (mce_flags.succor)
+            # is MCE_PANIC_SEVERITY, whatever the context; do_machine_check() -> mce_panic().
+            reason = "guest panic: Uncorrected error without MCA Recovery (AMD, no SUCCOR)"
+            self.emit("guest_panic", vcpu=v, reason=reason)
+            return s._replace(vmm=s.vmm._replace(abort=reason),
+                              guest=s.guest._replace(wrong_mce=1))
+        if not ar and (self.params.srao_workqueue or self.amd):
             # do_machine_check() only logs an SRAO (mce_log() -> mce_gen_pool_add());
             # uc_decode_notifier() calls memory_failure(pfn, 0) later, from a workqueue.
+            # AMD: mce_severity_amd() grades DEFERRED as MCE_DEFERRED_SEVERITY, which
+            # __mc_scan_banks() leaves alone; machine_check_poll() logs it later and
+            # uc_decode_notifier() (mce_usable_address(): POISON) runs memory_failure().
             self.emit("guest_mce_log", vcpu=v, gpa=hex(page), deferred="memory_failure")
             pending = s.guest.mf_pending
             if any(pg == g for pg, _v in pending):
@@ -846,7 +876,12 @@ class System:
         kread_eio = -1
         if ar:
             if t < 0:
-                reason = "guest panic: SRAR #MC with no user context (kernel/idle)"
+                # Both vendors grade it MCE_PANIC_SEVERITY: mce_severity_intel() (an AR
+                # data load outside user mode and outside a recoverable kernel access),
+                # mce_severity_amd() (error_context() is IN_KERNEL).
+                reason = ("guest panic: Uncorrected unrecoverable error in kernel context "
+                          "(AMD SRAR with no user context)" if self.amd else
+                          "guest panic: SRAR #MC with no user context (kernel/idle)")
                 self.emit("guest_panic", vcpu=v, reason=reason)
                 return s._replace(vmm=s.vmm._replace(abort=reason))
             vaddr = next((va for tt, va in self.mappers[g] if tt == t), None)
@@ -1244,7 +1279,18 @@ class System:
             # SRAR in the faulting context: MCi_ADDR is the faulting address (as exact as the
             # VMM knows it); SRAO: the page.
             mce_gpa = gpa if d.action_required else d.gpa
-            status, _addr, misc, mcg = P.mce_encoding(mce_gpa, d.action_required)
+            if not self.params.mcg_ser_p:
+                # kvm_arch_on_sigbus_vcpu() (QEMU target/i386/kvm/kvm.c): without MCG_SER_P
+                # in env->mcg_cap nothing is injected. BUS_MCEERR_AR:
+                # hardware_memory_error() ends QEMU; BUS_MCEERR_AO: ignored.
+                if d.action_required:
+                    return self._abort(s, f"QEMU: Hardware memory error at gpa {mce_gpa:#x} "
+                                          "(guest CPU without MCG_SER_P): exit(1)")
+                self.emit("vmm_mce_ignored", vcpu=v, gpa=hex(mce_gpa), mce="SRAO",
+                          reason="no MCG_SER_P")
+                return self._resume(s, v)
+            status, _addr, misc, mcg = P.mce_encoding(mce_gpa, d.action_required,
+                                                      self.params.guest_cpu)
             self.emit("vmm_inject_mce", vcpu=v, gpa=hex(mce_gpa), bank=P.MCE_BANK,
                       status=hex(status), mcg_status=hex(mcg), misc=hex(misc),
                       mce="SRAR" if d.action_required else "SRAO")
@@ -1252,12 +1298,15 @@ class System:
             s = s._replace(vmm=vmm._replace(handled=vmm.handled | (1 << g)))
             if self.qemu_mcip and vc.mce_queue:
                 # do_inject_x86_mce() (QEMU target/i386/helper.c): MCG_STATUS.MCIP is still
-                # set on this vCPU. An SRAR: qemu_system_reset_request(), the guest is
-                # reset (the run stops here); an SRAO: ignored.
-                if d.action_required:
+                # set on this vCPU. A record with MCI_STATUS_AR (an Intel SRAR):
+                # qemu_system_reset_request(), the guest is reset (the run stops here);
+                # one without (an SRAO; any AMD record, whose encoding has no AR bit):
+                # ignored.
+                if d.action_required and not self.amd:
                     return self._abort(s, f"QEMU: CPU {v}: Previous MCE still in progress, "
                                           "raising triple fault (guest reset)")
-                self.emit("vmm_mce_ignored", vcpu=v, gpa=hex(mce_gpa), mce="SRAO",
+                self.emit("vmm_mce_ignored", vcpu=v, gpa=hex(mce_gpa),
+                          mce="SRAR" if d.action_required else "SRAO",
                           reason="MCG_STATUS.MCIP set")
                 return self._resume(s, v)
             # An SRAR interrupts the context the vCPU exited from; an SRAO needs none.

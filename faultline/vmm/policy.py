@@ -42,8 +42,10 @@ from faultline.x86mce import (
     MCG_STATUS_RIPV,
     MCI_STATUS_ADDRV,
     MCI_STATUS_AR,
+    MCI_STATUS_DEFERRED,
     MCI_STATUS_EN,
     MCI_STATUS_MISCV,
+    MCI_STATUS_POISON,
     MCI_STATUS_S,
     MCI_STATUS_UC,
     MCI_STATUS_VAL,
@@ -258,9 +260,29 @@ MCI_BROADCAST = MCI_STATUS_VAL | MCI_STATUS_UC
 MCG_BROADCAST = MCG_STATUS_MCIP | MCG_STATUS_RIPV
 
 
-def mce_encoding(gpa: int, action_required: bool) -> tuple[int, int, int, int]:
-    """(MCi_STATUS, MCi_ADDR, MCi_MISC, MCG_STATUS) as QEMU's kvm_mce_inject(); bank 9."""
-    status, misc, mcg_status = MCE_FIELDS[bool(action_required)]
+def _mce_fields_amd(action_required: bool) -> tuple[int, int, int]:
+    """kvm_mce_inject() for an AMD guest CPU (IS_AMD_CPU(env); QEMU >= 9.1): no S, no AR,
+    no MCACOD; an SRAR is UC|POISON, an SRAO a deferred error (DEFERRED|POISON: POISON
+    marks the address usable for the guest's memory_failure())."""
+    status = MCI_STATUS_VAL | MCI_STATUS_EN | MCI_STATUS_MISCV | MCI_STATUS_ADDRV
+    mcg_status = MCG_STATUS_MCIP | MCG_STATUS_RIPV
+    if action_required:
+        status |= MCI_STATUS_UC | MCI_STATUS_POISON
+        mcg_status |= MCG_STATUS_EIPV
+    else:
+        status |= MCI_STATUS_DEFERRED | MCI_STATUS_POISON
+    return status, MCI_MISC_VALUE, mcg_status
+
+
+MCE_FIELDS_AMD = {True: _mce_fields_amd(True), False: _mce_fields_amd(False)}
+
+
+def mce_encoding(gpa: int, action_required: bool,
+                 guest_cpu: str = "intel") -> tuple[int, int, int, int]:
+    """(MCi_STATUS, MCi_ADDR, MCi_MISC, MCG_STATUS) as QEMU's kvm_mce_inject() for an
+    ``intel`` or ``amd`` guest CPU; bank 9."""
+    fields = MCE_FIELDS_AMD if guest_cpu == "amd" else MCE_FIELDS
+    status, misc, mcg_status = fields[bool(action_required)]
     return status, gpa, misc, mcg_status
 
 

@@ -16,7 +16,7 @@ import pytest
 from faultline.check.properties import check_system
 from faultline.model import System
 from faultline.model.simulate import simulate
-from faultline.scenario import from_dict, load
+from faultline.scenario import ScenarioError, from_dict, load
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ROOT / "scenarios"
@@ -190,6 +190,128 @@ def test_checker_finds_the_reset_only_under_linux_qemu(profile: str) -> None:
     r = check_system(System(sc, "error-gfn", "mce", profile=profile), check_memo=True)
     assert r.complete
     assert r.properties["vm_survives"].holds is (profile == "faultline-vmm")
+
+
+# --- 9: the guest CPU: AMD, SUCCOR, MCG_SER_P ------------------------------------------------
+
+def _mce_events(out, kind: str) -> list[dict]:
+    return [e for e in out.events if e["kind"] == kind]
+
+
+def test_amd_guest_gets_no_broadcast_and_survives_where_intel_resets() -> None:
+    amd = _sim("lq9-mce-amd", "error-gfn", "mce", "linux-qemu")  # [vm] cpu = "amd"
+    assert amd.vm == "completed"
+    assert {n: t.fate for n, t in amd.tasks.items()} == {"left": "sigbus", "right": "sigbus"}
+    injected = _mce_events(amd, "vmm_inject_mce")
+    assert [e["mce"] for e in injected] == ["SRAR", "SRAR"]  # no broadcast record
+    # kvm_mce_inject() for AMD: UC|POISON, no S, no AR, no MCACOD; MCIP|RIPV|EIPV
+    assert {(e["status"], e["mcg_status"]) for e in injected} == \
+        {(hex(1 << 63 | 1 << 61 | 1 << 60 | 1 << 59 | 1 << 58 | 1 << 43), "0x7")}
+    start = next(e for e in amd.events if e["kind"] == "model_start")
+    assert start["guest_cpu"] == "cpu amd" and start["params"]["guest_cpu"] == "amd"
+    # The same race on the Intel guest: QEMU's broadcast sets MCIP, the second SRAR resets.
+    intel = _sim("lq9-mce-amd", "error-gfn", "mce", "linux-qemu", guest_cpu="intel")
+    assert intel.vm == "aborted" and "Previous MCE still in progress" in intel.reason
+    assert "guest_cpu" not in next(e for e in intel.events if e["kind"] == "model_start")
+
+
+def test_amd_without_succor_panics_on_an_srar() -> None:
+    out = _sim("lq9-mce-amd", "error-gfn", "mce", "linux-qemu", amd_succor=False)
+    assert out.vm == "aborted" and "Uncorrected error without MCA Recovery" in out.reason
+    assert [e["kind"] for e in out.events if e["kind"] in ("guest_panic", "guest_sigbus")] \
+        == ["guest_panic"]  # mce_severity_amd(): panic before any kill
+    # The poison race (difference 3) too: the prefetch's SRAR panics the guest.
+    poison = _sim("lq3-poison-apf", "upstream", "mce", "linux-qemu", guest_cpu="amd",
+                  amd_succor=False)
+    assert poison.vm == "aborted" and "without MCA Recovery" in poison.reason
+
+
+def test_amd_deferred_error_is_handled_later_even_without_succor() -> None:
+    # request exits outside the faulting context: the VMM injects SRAOs, which QEMU encodes
+    # for AMD as deferred errors; mce_severity_amd() grades DEFERRED before it looks at
+    # SUCCOR, and memory_failure() runs later (uc_decode_notifier()), whatever
+    # srao_workqueue says (that is Intel's SRAO path).
+    for succor in (True, False):
+        out = _sim("lq9-mce-amd", "request", "mce", "linux-qemu", amd_succor=succor,
+                   srao_workqueue=False)
+        assert out.vm == "completed", out.reason
+        srao = [e for e in _mce_events(out, "vmm_inject_mce") if e["mce"] == "SRAO"]
+        assert srao and all(int(e["status"], 16) & (1 << 44 | 1 << 43) == 1 << 44 | 1 << 43
+                            and not int(e["status"], 16) & (1 << 61) for e in srao)
+        assert _mce_events(out, "guest_mce_log")
+        assert any(e.get("source") == "workqueue"
+                   for e in _mce_events(out, "guest_memory_failure"))
+
+
+def test_without_mcg_ser_p_qemu_exits_on_an_srar_and_ignores_an_srao() -> None:
+    out = _sim("lq9-mce-broadcast", "error-gfn", "mce", "linux-qemu", mcg_ser_p=False)
+    assert out.vm == "aborted" and "Hardware memory error" in out.reason
+    assert not _mce_events(out, "vmm_inject_mce")  # kvm_arch_on_sigbus_vcpu(): none
+    # An action-optional one (request: outside the faulting context) is dropped.
+    out = _sim("lq9-mce-broadcast", "request", "mce", "linux-qemu", mcg_ser_p=False)
+    assert any(e["reason"] == "no MCG_SER_P" for e in _mce_events(out, "vmm_mce_ignored"))
+    assert not _mce_events(out, "vmm_inject_mce")
+
+
+@pytest.mark.parametrize(("cpu", "survives"), [({}, False), ({"guest_cpu": "amd"}, True),
+                                               ({"guest_cpu": "amd", "amd_succor": False},
+                                                False),
+                                               ({"mcg_ser_p": False}, False)])
+def test_checker_error_gfn_mce_survives_only_on_amd(cpu: dict, survives: bool) -> None:
+    # check-standard's error-gfn x mce cell (docs/checker.md): Intel's broadcast resets the
+    # guest on some schedule; AMD has no broadcast; without SUCCOR the guest panics,
+    # without MCG_SER_P QEMU exits.
+    sc = load(SCENARIOS / "check-standard.toml")
+    r = check_system(System(sc, "error-gfn", "mce", symmetry=True, **cpu), check_memo=True)
+    assert r.complete
+    assert r.properties["vm_survives"].holds is survives
+    assert r.properties["right_victim"].holds is (cpu.get("amd_succor", True))
+
+
+def test_cpu_parameters_are_for_linux_qemu_only() -> None:
+    sc = load(SCENARIOS / "model" / "lq9-mce-amd.toml")
+    # faultline-vmm ignores the scenario's [vm] cpu and refuses the parameter.
+    assert System(sc, "error-gfn", "mce", profile="faultline-vmm").params.guest_cpu == "intel"
+    with pytest.raises(ValueError, match="linux-qemu"):
+        System(sc, "error-gfn", "mce", profile="faultline-vmm", guest_cpu="amd")
+    with pytest.raises(ValueError, match="guest_cpu must be one of"):
+        System(sc, "error-gfn", "mce", guest_cpu="arm")
+
+
+def test_cli_cpu_flags(tmp_path: Path) -> None:
+    std = str(SCENARIOS / "check-standard.toml")
+    p = _cli("check", std, "--design", "error-gfn", "--policy", "mce", "--cpu", "amd",
+             "--workers", "1")
+    assert p.returncode == 0, p.stderr
+    assert "linux-qemu, cpu amd" in " ".join(p.stdout.split())  # the matrix title
+    p = _cli("check", std, "--design", "error-gfn", "--policy", "mce", "--cpu", "amd",
+             "--no-succor", "--json", "--workers", "1")
+    cell = json.loads(p.stdout)["cells"][0]
+    assert cell["cpu"] == "cpu amd without SUCCOR"
+    assert cell["properties"]["vm_survives"]["holds"] is False
+    p = _cli("run", str(SCENARIOS / "model" / "lq9-mce-broadcast.toml"), "--cpu", "amd",
+             "--json", "--events", str(tmp_path / "ev.jsonl"))  # auto: the model
+    assert p.returncode == 1 and json.loads(p.stdout)["vm"] == "completed"  # Intel expected
+    for bad in (("check", std, "--cpu", "arm"), ("check", std, "--no-succor"),
+                ("check", std, "--cpu", "amd", "--profile", "faultline-vmm"),
+                ("run", std, "--backend", "kvm", "--cpu", "amd"),
+                ("run", std, "--backend", "model", "--profile", "faultline-vmm",
+                 "--no-mcg-ser-p"),
+                ("conform", "--cpu", "amd", std)):  # conform: faultline-vmm by default
+        p = _cli(*bad)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, bad
+        assert len(p.stderr.strip().splitlines()) == 1, (bad, p.stderr)
+
+
+def test_scenario_cpu_keys_are_checked() -> None:
+    raw = copy.deepcopy(load(SCENARIOS / "model" / "lq9-mce-amd.toml").raw)
+    raw["vm"]["cpu"] = "arm"
+    with pytest.raises(ScenarioError, match=r"vm\.cpu"):
+        from_dict(raw)
+    raw["vm"]["cpu"] = "amd"
+    raw["vm"]["amd_succor"] = "no"
+    with pytest.raises(ScenarioError, match=r"vm\.amd_succor"):
+        from_dict(raw)
 
 
 # --- the plumbing ---------------------------------------------------------------------------

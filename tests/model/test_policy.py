@@ -54,6 +54,17 @@ def test_mce_encoding_matches_qemu():
     assert P.MCE_BANK == 9
 
 
+def test_mce_encoding_for_an_amd_guest_matches_qemu():
+    # kvm_mce_inject(), IS_AMD_CPU(env): VAL|EN|MISCV|ADDRV, no S / AR / MCACOD
+    base = 1 << 63 | 1 << 60 | 1 << 59 | 1 << 58
+    status, addr, misc, mcg = P.mce_encoding(0x1234000, True, "amd")
+    assert status == base | 1 << 61 | 1 << 43  # UC | POISON
+    assert mcg == 0b111 and addr == 0x1234000 and misc == 0x8C
+    status, _, _, mcg = P.mce_encoding(0x1234000, False, "amd")
+    assert status == base | 1 << 44 | 1 << 43 and mcg == 0b101  # DEFERRED | POISON
+    assert P.mce_encoding(0x1000, True) == P.mce_encoding(0x1000, True, "intel")
+
+
 def test_page_runs_and_counted_pages():
     assert M.page_runs([0, 1, 2, 5, 7, 8]) == [(0, 3), (5, 1), (7, 2)]
     # repeats keyed gidx * vcpus + vcpu: gidx 1 counted on vCPU 1 of 2
