@@ -110,6 +110,10 @@ class TaskSpec:
     program: tuple[Insn, ...]
     maps: tuple[Mapping, ...]
     early_kill: bool
+    # The vCPUs the guest's scheduler may run the task on (sched_setaffinity()); None:
+    # any (a Linux task's default). Only the model's linux-qemu profile moves tasks
+    # (difference 7); faultline's guest runs each task on `vcpu` only.
+    cpus: tuple[int, ...] | None = None
 
     def map_for_vaddr(self, vaddr: int) -> Mapping | None:
         page = vaddr & ~(abi.PAGE_SIZE - 1)
@@ -335,7 +339,7 @@ _TOP_KEYS = ("name", "description", "policies", "design", "vm", "files", "tasks"
 _VM_KEYS = ("vcpus", "ram", "apf", "verbose", "profile", "preempt", "cpu", "amd_succor",
             "mcg_ser_p")
 _FILE_KEYS = ("name", "size", "pattern", "window_gpa", "window_size", "access", "path")
-_TASK_KEYS = ("name", "vcpu", "program", "maps", "early_kill")
+_TASK_KEYS = ("name", "vcpu", "program", "maps", "early_kill", "cpus")
 _EVENT_KEYS = ("action", "file", "size", "offset", "length", "value", "after", "by")
 _EXPECT_KEYS = ("backend", "design", "policy", "profile", "vm", "tasks", "offlined", "exits",
                 "faults", "files_match_writes")
@@ -585,7 +589,15 @@ def _parse_tasks(source: str, items: list[Any], vcpus: int, files: dict[str, Fil
                            _list(source, f"{key}.program", t.get("program", [])), mapper)
         anon_gpa = mapper.anon_next_gpa
         early = _bool(source, f"{key}.early_kill", t.get("early_kill", False))
-        tasks.append(TaskSpec(name, i, vcpu, program, tuple(mapper.maps), early))
+        cpus = None
+        if "cpus" in t:
+            raw = _list(source, f"{key}.cpus", t["cpus"])
+            cpus = tuple(sorted({_int(source, f"{key}.cpus[{j}]", c, 0, vcpus - 1)
+                                 for j, c in enumerate(raw)}))
+            if vcpu not in cpus:
+                raise ScenarioError(source, f"{key}.cpus",
+                                    f"must include the task's vcpu ({vcpu})")
+        tasks.append(TaskSpec(name, i, vcpu, program, tuple(mapper.maps), early, cpus))
     return tuple(tasks)
 
 

@@ -91,6 +91,14 @@ class Params:
     # result, SIGBUS SI_KERNEL with no address, and an error that could not be injected
     # is remembered (one gfn per vCPU) so its next fault is synchronous.
     apf_error_report: str = "faultline"
+    # Difference 7: a task woken by page-ready (kvm_async_pf_task_wake() ->
+    # apf_task_wake_one() -> swake_up_one() -> try_to_wake_up()) is placed by
+    # select_task_rq(): select_task_rq_fair()'s select_idle_sibling() takes an idle
+    # CPU when the waking one is busy, and an idle CPU's newidle balance can pull the task
+    # before it runs. So it may retry its access on any vCPU its affinity allows
+    # (`[[tasks]] cpus`, default all). False: tasks run on their own vCPU only
+    # (faultline's guest).
+    wake_migrate: bool = False
     # Difference 8: the address an SRAR-driven SIGBUS reports. "exact": MCi_ADDR's byte
     # (faultline's guest); "page": the page (Linux's kill_proc(), page_address_in_vma()).
     srar_kill_vaddr: str = "exact"
@@ -177,6 +185,7 @@ PROFILE_PARAMS: dict[str, dict[str, Any]] = {
         "kernel_irqs_on": True,
         "async_without_pv": True,
         "timer_ends_halt": True,
+        "wake_migrate": True,
         "prefetch_hwpoison_sigbus": True,
         "srao_workqueue": True,
         "readonly_store": "mmio-discard",

@@ -73,6 +73,7 @@ class Task(NamedTuple):
     touched: int  # 1 once the task accessed a bad page
     fails: int  # failed tries of the current access to a bad page (capped): a label
     result: Any  # exit code (TS_EXITED), (si_code, vaddr) (TS_SIGBUS), reason (TS_KILLED)
+    cpu: int  # the vCPU the task is on (task_cpu()); moves only at a wake (Params.wake_migrate)
 
 
 class RingRecord(NamedTuple):

@@ -192,8 +192,18 @@ class System:
 
         self.tasks = scenario.tasks
         self.names = tuple(t.name for t in self.tasks)
+        # The vCPUs each task may run on (difference 7, docs/linux-qemu.md): its affinity
+        # when woken tasks may move (wake_migrate), else its own vCPU. by_vcpu[v]: the
+        # tasks that may run on v, i.e. vCPU v's scheduler list (a task is on v when
+        # Task.cpu == v); with every task pinned it is the tasks of v.
+        self.wake_migrate = p.wake_migrate
+        every = tuple(range(scenario.vcpus))
+        self.allowed: tuple[tuple[int, ...], ...] = tuple(
+            ((t.cpus if t.cpus is not None else every) if p.wake_migrate else (t.vcpu,))
+            for t in self.tasks)
         self.by_vcpu: tuple[tuple[int, ...], ...] = tuple(
-            tuple(t.index for t in self.tasks if t.vcpu == v) for v in range(scenario.vcpus))
+            tuple(t.index for t in self.tasks if v in self.allowed[t.index])
+            for v in range(scenario.vcpus))
         self.early_kill = tuple(t.early_kill for t in self.tasks)
         self.loop_index: list[dict[int, int]] = []
         self.acc: list[list[tuple[Access, ...]]] = []
@@ -316,12 +326,17 @@ class System:
         permuting vCPUs (their fairness classes vcpuN / asyncN / vmm_handle_exit vcpuN
         would be permuted too, and the tokens' vCPU bits with them), and renaming token ids
         (an async work item's fairness class is (vCPU, token, gfn)). A design that keeps a
-        task index in its own per-vCPU state would break this: none does.
+        task index in its own per-vCPU state would break this: none does. Only vCPUs
+        whose every task is pinned to them take part (a woken task may move otherwise).
         """
         names_in_triggers = {ev.trigger.task for ev in self.sc.events}
         groups = []
         for v, ts in enumerate(self.by_vcpu):
             if len(ts) < 2:
+                continue
+            if any(self.allowed[t] != (v,) for t in ts):
+                # A task that may move (wake_migrate) is on several vCPUs' lists: rotating
+                # one list would not commute with a wake onto another vCPU.
                 continue
             specs = [self.tasks[t] for t in ts]
             a = specs[0]
@@ -388,8 +403,8 @@ class System:
         files = tuple(H.new_file(f.size, f.pages, cached) for f in self.files)
         vcpus = tuple(Vcpu(0, MODE_RUN, (), (), (), 0, self.d.vcpu_init, (), (), 1)
                       for _ in range(self.sc.vcpus))
-        tasks = tuple(Task(TS_RUN, 0, 0, (0,) * len(self.loop_index[t.index]), 0, 0, 0, 0, 0)
-                      for t in self.tasks)
+        tasks = tuple(Task(TS_RUN, 0, 0, (0,) * len(self.loop_index[t.index]), 0, 0, 0, 0, 0,
+                           t.vcpu) for t in self.tasks)
         guest = Guest(0, (), 0, 0, ())
         vmm = Vmm("", 0, tuple((f.size, 0) for f in self.files), (), ())
         s = State(files, (), vcpus, tasks, guest, vmm, 0)
@@ -433,9 +448,17 @@ class System:
             out.append(((f"vcpu{v} {self.d.entry_action}" if names else None), va,
                         self._request_exit, (v,)))
         elif vc.apf_done:
-            out.append((f"vcpu{v} kvm_check_async_pf_completion "
-                        f"token={vc.apf_done[0].token:#x}" if names else None,
-                        va, self._apf_ready, (v,)))
+            work = vc.apf_done[0]
+            name = (f"vcpu{v} kvm_check_async_pf_completion token={work.token:#x}" if names
+                    else None)
+            sleeper = self._sleeper(s, v, work) if self.wake_migrate else -1
+            if sleeper < 0 or len(self.allowed[sleeper]) == 1:
+                out.append((name, va, self._apf_ready, (v, v)))
+            else:
+                # Difference 7: one action per vCPU the woken task may run on next.
+                for w in self._wake_targets(s, v, sleeper):
+                    out.append((f"{name} (wakes {self.names[sleeper]} on vcpu{w})" if names
+                                else None, va, self._apf_ready, (v, w)))
         elif vc.mce_queue:
             gpa0 = vc.mce_queue[0][0]
             out.append(((f"vcpu{v} guest #MC " + (f"gpa={gpa0:#x}" if gpa0 >= 0 else "broadcast")
@@ -454,7 +477,7 @@ class System:
                 pos = (cur + i) % n
                 t = mine[pos]
                 tk = tasks[t]
-                if tk.status == TS_RUN:
+                if tk.status == TS_RUN and tk.cpu == v:
                     out.append((f"vcpu{v} {self.names[t]}: "
                                 f"{self.tasks[t].program[tk.pc].text}" if names else None,
                                 va, self._step, (v, pos, t)))
@@ -636,7 +659,31 @@ class System:
         if not mine:
             return -1
         t = mine[s.vcpus[v].cur % len(mine)]
-        return t if s.tasks[t].status == TS_RUN else -1
+        tk = s.tasks[t]
+        return t if tk.status == TS_RUN and tk.cpu == v else -1
+
+    def _sleeper(self, s: State, v: int, work: ApfDone) -> int:
+        """The task page-ready for ``work`` will wake (asleep on its token), else -1."""
+        if not (work.injected and self.pv_apf):
+            return -1
+        tasks = s.tasks
+        for t in self.by_vcpu[v]:
+            tk = tasks[t]
+            if tk.status == TS_SLEEP and tk.token == work.token:
+                return t
+        return -1
+
+    def _wake_targets(self, s: State, v: int, t: int) -> tuple[int, ...]:
+        """The vCPUs task t, woken on vCPU v, may run on next: its whole affinity (the
+        checker explores each). In the order of select_task_rq_fair()'s fast path as far
+        as vCPU v's own state tells (the memo footprint: v and its tasks): stay on v if v
+        is idle (select_idle_sibling() returns an idle target), else the other vCPUs
+        first. The simulator's round-robin takes the first."""
+        tasks = s.tasks
+        idle = s.vcpus[v].mode == MODE_RUN and not any(
+            tasks[u].status == TS_RUN and tasks[u].cpu == v for u in self.by_vcpu[v])
+        others = tuple(w for w in self.allowed[t] if w != v)
+        return (v, *others) if idle else (*others, v)
 
     def exit_to_userspace(self, s: State, v: int, ex: Exit, count_gpa: int) -> State:
         """KVM_RUN returns to the VMM on vCPU v with ``ex``; a memory-fault exit for the
@@ -728,11 +775,12 @@ class System:
         cur = s.vcpus[v].cur % n
         tasks = s.tasks
         tk = tasks[mine[cur]]
-        if tk.status == TS_RUN and not self.full_preempt:
+        if tk.status == TS_RUN and tk.cpu == v and not self.full_preempt:
             accs = self.acc[mine[cur]][tk.pc]
             if accs and not accs[tk.sub].user:
                 return False
-        return any(tasks[mine[(cur + i) % n]].status == TS_RUN for i in range(1, n))
+        return any(tasks[u].status == TS_RUN and tasks[u].cpu == v
+                   for u in (mine[(cur + i) % n] for i in range(1, n)))
 
     def _timer_tick(self, s: State, v: int) -> State:
         """The timer interrupt ends vCPU v's artificial halt and the guest's scheduler
@@ -746,9 +794,11 @@ class System:
         """vcpu_enter_guest() with a design's request pending (Design.entry_requests)."""
         return self.d.vcpu_enter_guest(self, s, v)
 
-    def _apf_ready(self, s: State, v: int) -> State:
+    def _apf_ready(self, s: State, v: int, w: int) -> State:
         """kvm_check_async_pf_completion(): one completed item: kvm_arch_async_page_ready()
-        (prefetch retry) then kvm_arch_async_page_present() (page-ready to the guest)."""
+        (prefetch retry) then kvm_arch_async_page_present() (page-ready to the guest). A
+        task the page-ready wakes runs on vCPU w next (difference 7: try_to_wake_up() ->
+        select_task_rq(); w == v unless Params.wake_migrate)."""
         work = s.vcpus[v].apf_done[0]
         token, gfn = work.token, work.gfn
         gpa = gfn << abi.PAGE_SHIFT
@@ -773,7 +823,13 @@ class System:
         if work.injected and self.pv_apf:
             error = self.d.kvm_arch_async_page_present(self, s, v, work, failed)
             tasks, woke = G.wake_token(tasks, self.by_vcpu[v], token)
-            self.emit("guest_apf_page_ready", vcpu=v, task=woke, token=hex(token), error=error)
+            if w != v and woke >= 0:
+                tasks = put(tasks, woke, tasks[woke]._replace(cpu=w))
+                self.emit("guest_apf_page_ready", vcpu=v, task=woke, token=hex(token),
+                          error=error, wake_cpu=w)
+            else:
+                self.emit("guest_apf_page_ready", vcpu=v, task=woke, token=hex(token),
+                          error=error)
             if woke >= 0 and error:
                 tk = tasks[woke]
                 a = self.acc[woke][tk.pc][tk.sub]
@@ -985,8 +1041,8 @@ class System:
             sub = tk.sub + 1
             if sub < len(accs):
                 return self.set_task(s, t, Task(tk.status, tk.pc, sub, tk.loop_ctrs, tk.steps,
-                                                tk.token, tk.touched, 0, tk.result))
-            ntk = Task(TS_RUN, pc + 1, 0, tk.loop_ctrs, tk.steps, 0, tk.touched, 0, 0)
+                                                tk.token, tk.touched, 0, tk.result, v))
+            ntk = Task(TS_RUN, pc + 1, 0, tk.loop_ctrs, tk.steps, 0, tk.touched, 0, 0, v)
             return self._finish_step(s, v, pos, t, ntk)
         if op == abi.OP_EXIT:
             self.emit("task_exit", vcpu=v, task=t, code=ins.arg)
@@ -1000,10 +1056,10 @@ class System:
             else:
                 ctrs = put(ctrs, li, 0)
                 npc = pc + 1
-            ntk = Task(TS_RUN, npc, 0, ctrs, tk.steps, 0, tk.touched, 0, 0)
+            ntk = Task(TS_RUN, npc, 0, ctrs, tk.steps, 0, tk.touched, 0, 0, v)
             return self._finish_step(s, v, pos, t, ntk)
         if op in (abi.OP_YIELD, abi.OP_SPIN):
-            ntk = Task(TS_RUN, pc + 1, 0, tk.loop_ctrs, tk.steps, 0, tk.touched, 0, 0)
+            ntk = Task(TS_RUN, pc + 1, 0, tk.loop_ctrs, tk.steps, 0, tk.touched, 0, 0, v)
             return self._finish_step(s, v, pos, t, ntk)
         # OP_INVALID or unknown: the interpreter gives up.
         self.emit("task_exit", vcpu=v, task=t, code=abi.EXIT_CODE_BAD_INSN)
@@ -1182,7 +1238,7 @@ class System:
             tk = s.tasks[t]
             fails = min(tk.fails + 1, self.fail_cap) if bad else tk.fails
             s = self.set_task(s, t, Task(TS_SLEEP, tk.pc, tk.sub, tk.loop_ctrs, tk.steps, token,
-                                         tk.touched | bad, fails, tk.result))
+                                         tk.touched | bad, fails, tk.result, v))
             self.emit("guest_apf_sleep", vcpu=v, task=t, token=hex(token))
             return R_SLEEP, self._yield_sleep(s, v, pos)
         # No PV delivery: the vCPU halts until the page is ready (KVM_REQ_APF_HALT).
