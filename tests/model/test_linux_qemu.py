@@ -90,6 +90,67 @@ def test_right_victim_fails_only_under_linux_qemu(profile: str) -> None:
     assert r.properties["right_victim"].holds is (profile == "faultline-vmm")
 
 
+def test_poison_during_async_pf_with_toucher_unpinned_resets_the_guest() -> None:
+    """Differences 3 + 7 + 9 together: lq3 pins toucher to vCPU 0. Unpinned, page-ready
+    wakes it on the idle vCPU 1, where it faults synchronously on the poisoned page: a
+    second SIGBUS exit, whose SRAR meets the MCIP that the broadcast of bystander's SRAR
+    left on vCPU 1 (QEMU: "Previous MCE still in progress"): the guest is reset."""
+    raw = copy.deepcopy(load(SCENARIOS / "model" / "lq3-poison-apf.toml").raw)
+    for t in raw["tasks"]:
+        t.pop("cpus", None)
+    del raw["expect"]
+    out = simulate(from_dict(raw), "upstream", "mce", profile="linux-qemu")
+    assert out.vm == "aborted" and "Previous MCE still in progress" in out.reason
+    exits = [(e["vcpu"], e["task"]) for e in out.events if e["kind"] == "kvm_exit"]
+    assert exits == [(0, "bystander"), (1, "toucher")]
+
+
+# --- 7: tasks migrate ---------------------------------------------------------------------
+
+def _apf_rounds(out: object) -> list[int]:
+    return [e["vcpu"] for e in out.events  # type: ignore[attr-defined]
+            if e["kind"] == "kvm_async_pf_not_present"]
+
+
+def test_woken_task_retries_on_another_vcpu_only_under_linux_qemu() -> None:
+    lq = _sim("lq7-migrate", "error-gfn", "mce", "linux-qemu")
+    # vCPU 0's error-gfn table knows the page, vCPU 1's does not: one more round there.
+    assert _apf_rounds(lq) == [0, 1]
+    assert [e["vcpu"] for e in lq.events if e["kind"] == "kvm_add_error_gfn"] == [0, 1]
+    woke = [e for e in lq.events if e["kind"] == "guest_apf_page_ready" and "wake_cpu" in e]
+    assert [(e["vcpu"], e["task"], e["wake_cpu"]) for e in woke] == [(0, "toucher", 1)]
+    assert lq.tasks["toucher"].fate == "sigbus" and lq.exits["memory_fault"] == 1
+    fv = _sim("lq7-migrate", "error-gfn", "mce", "faultline-vmm")
+    assert _apf_rounds(fv) == [0]
+    assert fv.tasks["toucher"].fate == "sigbus" and fv.exits["memory_fault"] == 1
+
+
+def test_pinned_task_stays_on_its_vcpu() -> None:
+    raw = copy.deepcopy(load(SCENARIOS / "lq7-migrate.toml").raw)
+    raw["tasks"][0]["cpus"] = [0]
+    out = simulate(from_dict(raw), "error-gfn", "mce", profile="linux-qemu")
+    assert _apf_rounds(out) == [0]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_checker_finds_the_extra_round_only_under_linux_qemu(profile: str) -> None:
+    """check-migrate: error-gfn's per-vCPU table costs a woken task that moved one more
+    failed try (first_access_reported); the request design's exit repeats on the other
+    vCPU (one_exit_per_bad_page). Pinned, or under faultline-vmm, both hold. The memo's
+    footprint is asserted on every memoised edge (tasks now sit on several vCPUs' lists)."""
+    sc = load(SCENARIOS / "check-migrate.toml")
+    moves = profile == "linux-qemu"
+    r = check_system(System(sc, "error-gfn", "notify", profile=profile), check_memo=True)
+    assert r.complete and r.properties["first_access_reported"].holds is not moves
+    r = check_system(System(sc, "request", "notify", profile=profile), check_memo=True)
+    assert r.complete and r.properties["one_exit_per_bad_page"].holds is not moves
+    raw = copy.deepcopy(sc.raw)
+    for t in raw["tasks"]:
+        t["cpus"] = [t["vcpu"]]
+    r = check_system(System(from_dict(raw), "request", "notify", profile=profile))
+    assert r.complete and r.properties["one_exit_per_bad_page"].holds
+
+
 # --- 4: SRAO later ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("profile", PROFILES)
