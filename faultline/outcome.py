@@ -71,7 +71,9 @@ class Outcome:
     backend: str
     design: str
     policy: str
-    vm: str = "completed"  # completed | aborted | hung | crashed (the VMM process died)
+    # completed | hung | aborted (the VMM stopped the VM) | crashed (the VMM process died)
+    # | reset (the VMM reset the guest) | panic (the guest kernel panicked)
+    vm: str = "completed"
     # What the run describes (docs/linux-qemu.md): the kvm backend is faultline's own VMM
     # and guest; the model says which profile it ran; the qemu backend is "qemu".
     profile: str = "faultline-vmm"

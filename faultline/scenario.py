@@ -34,7 +34,10 @@ GUEST_CPUS = ("intel", "amd")
 EVENT_ACTIONS = ("truncate", "extend", "punch-hole", "poison", "write")
 PATTERNS = ("offset", "zero", "ret")
 FATES = ("exited", "sigbus", "sigsegv", "killed", "hung", "lost")
-VM_STATES = ("completed", "aborted", "hung", "crashed")
+# How a run ends (Outcome.vm): completed, hung, or early: aborted (the VMM stopped the VM),
+# crashed (the VMM process exited), reset (the VMM reset the guest), panic (the guest
+# kernel panicked).
+VM_STATES = ("completed", "aborted", "hung", "crashed", "reset", "panic")
 MAX_FILE_BYTES = 1 << 40
 MAX_VCPUS = 8
 MAX_TASKS = 64

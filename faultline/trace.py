@@ -231,6 +231,9 @@ def build(events: Iterable[dict[str, Any]], tasks: Sequence[str] = ()) -> dict[s
             b.instant(vtid, f"offline {ev.get('gpa')}", t, "offline", args)
         elif kind in _GUEST_HANDLERS and vtid is not None:
             b.instant(vtid, kind, t, "guest", args)
+        elif kind in ("model_end", "vm_stop") and ev.get("vm") not in (None, "completed"):
+            # How the run ended, in the outcome's word (aborted, crashed, reset, panic, hung).
+            b.instant(TID_VMM, f"vm {ev['vm']}", t, "vm", args)
         elif kind in ("vm_hung", "livelock", "deadlock", "step_limit", "guest_panic"):
             b.instant(vtid if vtid is not None else TID_VMM, kind, t, "vm", args)
         # A SIGBUS ends the flow of the fault it answers: AR, same page (or same task).
@@ -259,8 +262,9 @@ def build(events: Iterable[dict[str, Any]], tasks: Sequence[str] = ()) -> dict[s
     # and in its outcome; the real backends are faultline's own VMM and guest.
     profile = next((e["profile"] for e in evs if e.get("kind") == "model_start"
                     and "profile" in e), "faultline-vmm")
+    vm = next((e["vm"] for e in evs if e.get("kind") in ("model_end", "vm_stop")), None)
     return {"traceEvents": b.metadata() + b.out, "displayTimeUnit": "ms",
-            "otherData": {"generator": "faultline", "profile": profile,
+            "otherData": {"generator": "faultline", "profile": profile, "vm": vm,
                           "clock": "t_us" if evs and "t_us" in evs[0] else "step"}}
 
 

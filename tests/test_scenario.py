@@ -119,6 +119,10 @@ BAD: list[tuple[str, str, str]] = [
     ("unknown expectation profile",
      BASE + '[[expect]]\nprofile = "qemu"\nvm = "completed"\n',
      "expect[0].profile: unknown value 'qemu'"),
+    ("unknown vm end",
+     BASE + '[[expect]]\nvm = "rebooted"\n',
+     "expect[0].vm: unknown value 'rebooted' (one of: completed, aborted, hung, crashed, "
+     "reset, panic)"),
 ]
 
 
@@ -145,6 +149,22 @@ def test_cli_bad_scenario_exit_2_one_line_and_no_event_log(tmp_path: Path) -> No
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "tasks[0].vcpu: vCPU 3 does not exist" in lines[0]
     assert not events.exists()  # input refused before the run: no log named after it
+
+
+@pytest.mark.parametrize("vm", ["completed", "aborted", "hung", "crashed", "reset", "panic"])
+def test_every_vm_end_is_an_expectation(vm: str) -> None:
+    e = loads(BASE + f'[[expect]]\nvm = "{vm}"\n').expectation("model", "upstream", "mce")
+    assert e is not None and e.vm == vm
+
+
+def test_cli_bad_vm_expectation_exit_2_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BASE + '[[expect]]\nvm = "rebooted"\n')
+    p = subprocess.run([sys.executable, "-m", "faultline.cli", "run", str(bad),
+                        "--backend", "model"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "expect[0].vm: unknown value 'rebooted'" in lines[0]
 
 
 def test_expectations_select_by_profile() -> None:

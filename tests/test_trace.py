@@ -108,6 +108,24 @@ def test_trace_of_an_aborted_and_a_hung_run_is_valid() -> None:
         validate(trace.build(log.events, [t.name for t in DAX.tasks]))
 
 
+@pytest.mark.parametrize(("scenario", "params", "vm"), [
+    ("lq9-mce-broadcast", {}, "reset"),
+    ("lq9-mce-broadcast", {"mcg_ser_p": False}, "crashed"),
+    ("lq9-mce-amd", {"amd_succor": False}, "panic"),
+])
+def test_trace_names_how_the_vm_ended(scenario: str, params: dict[str, Any], vm: str) -> None:
+    from faultline.model import simulate
+
+    sc = load(ROOT / "scenarios" / "model" / f"{scenario}.toml")
+    log = EventLog(None, clock="step")
+    simulate(sc, "error-gfn", "mce", profile="linux-qemu", log=log, **params)
+    doc = trace.build(log.events, [t.name for t in sc.tasks])
+    validate(doc)
+    assert doc["otherData"]["vm"] == vm
+    assert [e["name"] for e in doc["traceEvents"] if e.get("cat") == "vm"
+            and e["name"].startswith("vm ")] == [f"vm {vm}"]
+
+
 def test_trace_of_a_run_without_fault_has_no_flow() -> None:
     sc = load(ROOT / "scenarios" / "hello.toml")
     log = EventLog(None, clock="step")

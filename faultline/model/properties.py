@@ -44,7 +44,8 @@ def _wrong_victim(guest: Guest) -> bool:
 PROPERTIES: tuple[Property, ...] = (
     Property("no_hang", LIVENESS,
              "every fair run ends: every task exited or was killed, or the VM stopped"),
-    Property("vm_survives", SAFETY, "the VMM never stops the VM", "vmm", _aborted),
+    Property("vm_survives", SAFETY, "the VM never ends early: the VMM neither stops nor "
+             "resets it nor exits, and the guest never panics", "vmm", _aborted),
     Property("no_fabricated_data", SAFETY,
              "no access completes from a page beyond EOF, a hole not written since, or a "
              "poisoned page", "guest", _fabricated),

@@ -99,7 +99,7 @@ def _run(system: System, log: EventLog, outcome: Outcome, seed: int | None, max_
     passed: set[Any] = set()  # async work classes the schedule has passed over once
     while True:
         if system.is_done(state):
-            vm = "aborted" if system.vm_aborted(state) else "completed"
+            vm = system.vm_end(state) if system.vm_aborted(state) else "completed"
             break
         if log.step >= max_steps:
             vm = "hung"
@@ -190,7 +190,9 @@ def _fill(system: System, state: State, outcome: Outcome, records: list[dict[str
         elif st == TS_KILLED:
             outcome.tasks[name] = TaskOutcome("killed")
         elif system.vm_aborted(state):
-            outcome.tasks[name] = TaskOutcome("killed")  # stopped with the VM
+            # Gone with the QEMU process (the qemu backend's word, when QEMU exits), else
+            # stopped with the VM, reset or panicked with the guest.
+            outcome.tasks[name] = TaskOutcome("lost" if outcome.vm == "crashed" else "killed")
         else:
             outcome.tasks[name] = TaskOutcome("hung")
     outcome.offlined = system.offlined_gpas(state)

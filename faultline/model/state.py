@@ -100,11 +100,14 @@ class Guest(NamedTuple):
 
 
 class Vmm(NamedTuple):
-    abort: str  # "" or the reason the VM was stopped
+    abort: str  # "" or the reason the run ended early (end says how)
     handled: int  # bitmask of gidx the VMM has acted on
     known: tuple[tuple[int, int], ...]  # per file: (size, holes) as the VMM last saw them
     exits: tuple[tuple[int, int], ...]  # memory-fault exits per page: ((gidx|-1, n), ...)
     repeats: tuple[tuple[int, int], ...]  # ((gidx * vcpus + vcpu, times handled), ...)
+    # How the run ended early (END_*), set with abort; a function of the reason, so it
+    # adds no state.
+    end: int = 0
 
 
 class State(NamedTuple):
@@ -116,6 +119,14 @@ class State(NamedTuple):
     vmm: Vmm
     fired: int  # bitmask of host events already applied
 
+
+# How the VM stopped before every task finished: END_WORDS[end] is Outcome.vm's word.
+END_NONE = 0  # still running (or completed)
+END_ABORTED = 1  # the VMM stopped the VM; it stays paused (QEMU's vm_stop, our VMM's stop)
+END_CRASHED = 2  # the VMM process exited: the VM is gone (QEMU's exit(1)); tasks "lost"
+END_RESET = 3  # the VMM reset the guest (qemu_system_reset_request()): it reboots
+END_PANIC = 4  # the guest kernel panicked
+END_WORDS = ("", "aborted", "crashed", "reset", "panic")
 
 MODE_RUN = 0
 MODE_HALTED = 1  # KVM_REQ_APF_HALT: artificial halt until a page is present

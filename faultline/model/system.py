@@ -43,6 +43,11 @@ from faultline.model.params import (
 )
 from faultline.model.properties import PROPERTIES
 from faultline.model.state import (
+    END_ABORTED,
+    END_CRASHED,
+    END_PANIC,
+    END_RESET,
+    END_WORDS,
     EXIT_BARE_EFAULT,
     EXIT_HWPOISON,
     EXIT_MEMORY_FAULT,
@@ -530,7 +535,13 @@ class System:
         return all(tk.status in FINISHED for tk in s.tasks)
 
     def vm_aborted(self, s: State) -> bool:
+        """The run ended early, whichever way (vm_end says which)."""
         return bool(s.vmm.abort)
+
+    def vm_end(self, s: State) -> str:
+        """How the run ended early, as Outcome.vm says it: aborted | crashed | reset |
+        panic ("" while it has not)."""
+        return END_WORDS[s.vmm.end]
 
     def is_done(self, s: State) -> bool:
         return self.vm_aborted(s) or self.tasks_finished(s)
@@ -598,7 +609,7 @@ class System:
                        "done": vc.apf_done, "exit": vc.exit, "mceq": vc.mce_queue}
                       for vc in s.vcpus],
             "offlined": sorted(hex(g) for g in self.offlined_gpas(s)),
-            "vmm": {"abort": s.vmm.abort, "exits": s.vmm.exits},
+            "vmm": {"abort": s.vmm.abort, "end": END_WORDS[s.vmm.end], "exits": s.vmm.exits},
         }
 
     def view(self, s: State) -> dict[str, Any]:
@@ -623,6 +634,7 @@ class System:
             out[f"guest.{k}"] = x
         for k, x in zip(s.vmm._fields, s.vmm, strict=True):
             out[f"vmm.{k}"] = x
+        out["vmm.end"] = END_WORDS[s.vmm.end]
         out["fired"] = s.fired
         return out
 
@@ -914,7 +926,7 @@ class System:
             # is MCE_PANIC_SEVERITY, whatever the context; do_machine_check() -> mce_panic().
             reason = "guest panic: Uncorrected error without MCA Recovery (AMD, no SUCCOR)"
             self.emit("guest_panic", vcpu=v, reason=reason)
-            return s._replace(vmm=s.vmm._replace(abort=reason),
+            return s._replace(vmm=s.vmm._replace(abort=reason, end=END_PANIC),
                               guest=s.guest._replace(wrong_mce=1))
         if not ar and (self.params.srao_workqueue or self.amd):
             # do_machine_check() only logs an SRAO (mce_log() -> mce_gen_pool_add());
@@ -939,7 +951,7 @@ class System:
                           "(AMD SRAR with no user context)" if self.amd else
                           "guest panic: SRAR #MC with no user context (kernel/idle)")
                 self.emit("guest_panic", vcpu=v, reason=reason)
-                return s._replace(vmm=s.vmm._replace(abort=reason))
+                return s._replace(vmm=s.vmm._replace(abort=reason, end=END_PANIC))
             vaddr = next((va for tt, va in self.mappers[g] if tt == t), None)
             if vaddr is not None:
                 if self.params.srar_kill_vaddr == "exact":
@@ -1338,10 +1350,12 @@ class System:
             if not self.params.mcg_ser_p:
                 # kvm_arch_on_sigbus_vcpu() (QEMU target/i386/kvm/kvm.c): without MCG_SER_P
                 # in env->mcg_cap nothing is injected. BUS_MCEERR_AR:
-                # hardware_memory_error() ends QEMU; BUS_MCEERR_AO: ignored.
+                # hardware_memory_error() reports "QEMU got Hardware memory error" and
+                # calls exit(1): the QEMU process ends, the VM with it (crashed);
+                # BUS_MCEERR_AO: ignored.
                 if d.action_required:
                     return self._abort(s, f"QEMU: Hardware memory error at gpa {mce_gpa:#x} "
-                                          "(guest CPU without MCG_SER_P): exit(1)")
+                                          "(guest CPU without MCG_SER_P): exit(1)", END_CRASHED)
                 self.emit("vmm_mce_ignored", vcpu=v, gpa=hex(mce_gpa), mce="SRAO",
                           reason="no MCG_SER_P")
                 return self._resume(s, v)
@@ -1357,10 +1371,11 @@ class System:
                 # set on this vCPU. A record with MCI_STATUS_AR (an Intel SRAR):
                 # qemu_system_reset_request(), the guest is reset (the run stops here);
                 # one without (an SRAO; any AMD record, whose encoding has no AR bit):
-                # ignored.
+                # ignored. The reset request (SHUTDOWN_CAUSE_GUEST_RESET) reboots the
+                # guest: the QEMU process and the VM live on, the guest's tasks do not.
                 if d.action_required and not self.amd:
                     return self._abort(s, f"QEMU: CPU {v}: Previous MCE still in progress, "
-                                          "raising triple fault (guest reset)")
+                                          "raising triple fault (guest reset)", END_RESET)
                 self.emit("vmm_mce_ignored", vcpu=v, gpa=hex(mce_gpa),
                           mce="SRAR" if d.action_required else "SRAO",
                           reason="MCG_STATUS.MCIP set")
@@ -1447,9 +1462,13 @@ class System:
     def _resume(self, s: State, v: int) -> State:
         return self.set_vcpu(s, v, s.vcpus[v]._replace(mode=MODE_RUN, exit=()))
 
-    def _abort(self, s: State, reason: str) -> State:
+    def _abort(self, s: State, reason: str, end: int = END_ABORTED) -> State:
+        """The VMM ends the run: END_ABORTED, it stops the VM (faultline's VMM gives up;
+        QEMU's kvm_cpu_exec() (accel/kvm/kvm-all.c) on a bare -EFAULT from KVM_RUN: "kvm
+        run failed Bad address", then vm_stop(RUN_STATE_INTERNAL_ERROR), the VM stays
+        paused); END_CRASHED, the VMM process exits; END_RESET, it resets the guest."""
         self.emit("vmm_abort", reason=reason)
-        return s._replace(vmm=s.vmm._replace(abort=reason))
+        return s._replace(vmm=s.vmm._replace(abort=reason, end=end))
 
     def _vmm_file_change(self, s: State, fi: int, v: int = 0) -> State:
         """The proactive policy's file watcher saw a change of a mapped file; its

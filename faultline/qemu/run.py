@@ -12,10 +12,13 @@ event with several vCPUs also runs between QMP ``stop`` and ``cont``, as our VMM
 other vCPUs for it.
 
 QEMU has no policy: ``policy = "qemu"``. The VM ends ``completed`` (every task finished,
-every vCPU idle: faultline sends ``quit``), ``aborted`` (QEMU stopped or reset the VM by
-itself, e.g. ``internal-error`` after "kvm run failed Bad address"), ``crashed`` (the QEMU
-process died: the signal and QEMU's last stderr line are kept; unfinished tasks are
-``lost``) or ``hung`` (no report for the watchdog's time: QEMU is killed).
+every vCPU idle: faultline sends ``quit``), ``aborted`` (QEMU stopped the VM by itself,
+e.g. ``internal-error`` after "kvm run failed Bad address"), ``reset`` (QEMU reset the
+guest, e.g. do_inject_x86_mce()'s "Previous MCE still in progress": with ``-no-reboot``
+a SHUTDOWN event, reason ``guest-reset``), ``panic`` (the guest panicked: its panic
+report, or QEMU's GUEST_PANICKED), ``crashed`` (the QEMU process died: the signal and
+QEMU's last stderr line are kept; unfinished tasks are ``lost``) or ``hung`` (no report
+for the watchdog's time: QEMU is killed). The model says the same words.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ START_TIMEOUT_S = 30.0  # QEMU's start-up until its monitor connects
 BOOT_ALLOWANCE_S = 20.0
 QUIT_TIMEOUT_S = 5.0
 PR_SET_PDEATHSIG = 1
+# The vm word for a SHUTDOWN event's reason (QEMU's ShutdownCause) when it says how the
+# guest ended; any other reason: aborted. With -no-reboot, qemu_system_reset_request()
+# (SHUTDOWN_CAUSE_GUEST_RESET) shuts the VM down instead of resetting it: "guest-reset".
+_SHUTDOWN_VM = {"guest-reset": "reset", "guest-panic": "panic"}
 # KVM's per-vCPU counters sampled when a run hangs (binary stats, QMP query-stats)
 KVM_STATS = ("exits", "pf_taken", "pf_fixed", "halt_wakeup", "mmio_exits", "io_exits")
 _PENDING = abi.REPORT_PENDING_OFFSET
@@ -337,7 +344,7 @@ class QemuRun:
                 self.log.emit("qemu_stderr", text=text)
 
     async def _qmp_events(self, qmp: Any) -> None:
-        """QEMU stopping or resetting the VM by itself ends the run as `aborted`."""
+        """QEMU stopping, resetting or shutting down the VM by itself ends the run."""
         async for ev in qmp.events:
             name = ev["event"]
             data = ev.get("data", {})
@@ -345,14 +352,16 @@ class QemuRun:
             if self.ending:
                 continue
             if name == "SHUTDOWN":
-                self._end("aborted", f"QEMU shut the VM down ({data.get('reason', '?')})")
+                why = data.get("reason", "?")
+                self._end(_SHUTDOWN_VM.get(why, "aborted"), f"QEMU shut the VM down ({why})")
             elif name == "GUEST_PANICKED":
-                self._end("aborted", f"QEMU: guest panicked ({data})")
+                self._end("panic", f"QEMU: guest panicked ({data})")
             elif name == "STOP":
                 status = (await qmp.execute("query-status")).get("status", "?")
                 if status in ("internal-error", "io-error", "guest-panicked", "shutdown"):
                     last = f": {self.stderr_tail[-1]}" if self.stderr_tail else ""
-                    self._end("aborted", f"QEMU stopped the VM ({status}){last}")
+                    self._end("panic" if status == "guest-panicked" else "aborted",
+                              f"QEMU stopped the VM ({status}){last}")
 
     def _end(self, vm: str, reason: str) -> None:
         if self.ending:
@@ -456,7 +465,7 @@ class QemuRun:
             what = abi.PANIC_NAMES.get(r.code, f"unknown panic code {r.code}")
             emit("guest_panic", vcpu=vcpu, code=r.code, what=what,
                  detail=[hex(r.detail1), hex(r.detail2), hex(r.detail3)])
-            self._end("aborted", f"guest panic on vCPU {vcpu}: {what}")
+            self._end("panic", f"guest panic on vCPU {vcpu}: {what}")
         else:  # R_MCE, R_NOTIFY: QEMU injected nothing of ours; log what the guest said
             emit(f"guest_{abi.REPORT_KINDS[kind]}", vcpu=vcpu, task=task,
                  **{k: hex(x) for k, x in r._asdict().items()})
@@ -521,7 +530,8 @@ class QemuRun:
         o = self.outcome
         for name, t in o.tasks.items():
             if name not in self.finished_tasks:
-                t.fate = {"crashed": "lost", "aborted": "killed"}.get(o.vm, "hung")
+                t.fate = {"crashed": "lost", "aborted": "killed", "reset": "killed",
+                          "panic": "killed"}.get(o.vm, "hung")
         o.count_exit("doorbell", self.doorbells)
         self._serial()
         self._check_files()

@@ -79,7 +79,9 @@ def test_poison_during_async_pf_in_the_idle_context_panics_the_guest() -> None:
     raw["tasks"] = [t for t in raw["tasks"] if t["name"] in ("toucher", "poisoner")]
     del raw["expect"]
     out = simulate(from_dict(raw), "upstream", "mce", profile="linux-qemu")
-    assert out.vm == "aborted" and "guest panic" in out.reason
+    assert out.vm == "panic" and "guest panic" in out.reason
+    assert set(out.tasks) == {"toucher", "poisoner"}
+    assert all(t.fate in ("killed", "exited") for t in out.tasks.values())
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -100,7 +102,7 @@ def test_poison_during_async_pf_with_toucher_unpinned_resets_the_guest() -> None
         t.pop("cpus", None)
     del raw["expect"]
     out = simulate(from_dict(raw), "upstream", "mce", profile="linux-qemu")
-    assert out.vm == "aborted" and "Previous MCE still in progress" in out.reason
+    assert out.vm == "reset" and "Previous MCE still in progress" in out.reason
     exits = [(e["vcpu"], e["task"]) for e in out.events if e["kind"] == "kvm_exit"]
     assert exits == [(0, "bystander"), (1, "toucher")]
 
@@ -213,7 +215,7 @@ def test_srar_kill_reports_the_page_under_linux_qemu() -> None:
 
 def test_second_srar_during_the_broadcast_resets_the_guest_only_under_linux_qemu() -> None:
     lq = _sim("lq9-mce-broadcast", "error-gfn", "mce", "linux-qemu")
-    assert lq.vm == "aborted" and "Previous MCE still in progress" in lq.reason
+    assert lq.vm == "reset" and "Previous MCE still in progress" in lq.reason
     bcast = [e for e in lq.events if e["kind"] == "vmm_inject_mce" and e["mce"] == "broadcast"]
     assert [e["vcpu"] for e in bcast] == [1] and bcast[0]["bank"] == 1
     assert lq.tasks["right"].fate == "killed"
@@ -272,19 +274,19 @@ def test_amd_guest_gets_no_broadcast_and_survives_where_intel_resets() -> None:
     assert start["guest_cpu"] == "cpu amd" and start["params"]["guest_cpu"] == "amd"
     # The same race on the Intel guest: QEMU's broadcast sets MCIP, the second SRAR resets.
     intel = _sim("lq9-mce-amd", "error-gfn", "mce", "linux-qemu", guest_cpu="intel")
-    assert intel.vm == "aborted" and "Previous MCE still in progress" in intel.reason
+    assert intel.vm == "reset" and "Previous MCE still in progress" in intel.reason
     assert "guest_cpu" not in next(e for e in intel.events if e["kind"] == "model_start")
 
 
 def test_amd_without_succor_panics_on_an_srar() -> None:
     out = _sim("lq9-mce-amd", "error-gfn", "mce", "linux-qemu", amd_succor=False)
-    assert out.vm == "aborted" and "Uncorrected error without MCA Recovery" in out.reason
+    assert out.vm == "panic" and "Uncorrected error without MCA Recovery" in out.reason
     assert [e["kind"] for e in out.events if e["kind"] in ("guest_panic", "guest_sigbus")] \
         == ["guest_panic"]  # mce_severity_amd(): panic before any kill
     # The poison race (difference 3) too: the prefetch's SRAR panics the guest.
     poison = _sim("lq3-poison-apf", "upstream", "mce", "linux-qemu", guest_cpu="amd",
                   amd_succor=False)
-    assert poison.vm == "aborted" and "without MCA Recovery" in poison.reason
+    assert poison.vm == "panic" and "without MCA Recovery" in poison.reason
 
 
 def test_amd_deferred_error_is_handled_later_even_without_succor() -> None:
@@ -306,7 +308,11 @@ def test_amd_deferred_error_is_handled_later_even_without_succor() -> None:
 
 def test_without_mcg_ser_p_qemu_exits_on_an_srar_and_ignores_an_srao() -> None:
     out = _sim("lq9-mce-broadcast", "error-gfn", "mce", "linux-qemu", mcg_ser_p=False)
-    assert out.vm == "aborted" and "Hardware memory error" in out.reason
+    # hardware_memory_error(): exit(1), the QEMU process is gone with the VM: the qemu
+    # backend's words, crashed and lost.
+    assert out.vm == "crashed" and "Hardware memory error" in out.reason
+    assert {t.fate for n, t in out.tasks.items() if n != "left"} <= {"lost"}
+    assert "lost" in {t.fate for t in out.tasks.values()}
     assert not _mce_events(out, "vmm_inject_mce")  # kvm_arch_on_sigbus_vcpu(): none
     # An action-optional one (request: outside the faulting context) is dropped.
     out = _sim("lq9-mce-broadcast", "request", "mce", "linux-qemu", mcg_ser_p=False)
@@ -415,3 +421,46 @@ def test_cli_profile_is_for_the_model() -> None:
     assert len(p.stderr.strip().splitlines()) == 1 and "--profile" in p.stderr
     p = _cli("run", str(SCENARIOS / "hello.toml"), "--backend", "model", "--profile", "qemu")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+
+
+# --- how the VM ends: one word per way (Outcome.vm) ------------------------------------------
+
+# (end, scenario, design, policy, params): one run that ends each way under linux-qemu.
+VM_ENDS = [
+    # QEMU's kvm_cpu_exec() on a bare -EFAULT: "kvm run failed Bad address", vm_stop()
+    ("aborted", "lq1-nopv", "error-gfn", "abort", {}),
+    # hardware_memory_error(): an SRAR on a guest CPU without MCG_SER_P, exit(1)
+    ("crashed", "lq9-mce-broadcast", "error-gfn", "mce", {"mcg_ser_p": False}),
+    # do_inject_x86_mce(): an SRAR while MCIP is set, qemu_system_reset_request()
+    ("reset", "lq9-mce-broadcast", "error-gfn", "mce", {}),
+    # mce_severity_amd(): an SRAR on an AMD guest without SUCCOR, mce_panic()
+    ("panic", "lq9-mce-amd", "error-gfn", "mce", {"amd_succor": False}),
+]
+
+
+@pytest.mark.parametrize(("end", "name", "design", "policy", "params"), VM_ENDS,
+                         ids=[c[0] for c in VM_ENDS])
+def test_each_way_the_vm_ends_has_its_word(end: str, name: str, design: str, policy: str,
+                                           params: dict[str, object]) -> None:
+    out = _sim(name, design, policy, "linux-qemu", **params)
+    assert out.vm == end and out.reason, out.reason
+    assert out.to_json()["vm"] == end
+    assert next(e for e in out.events if e["kind"] == "model_end")["vm"] == end
+    unfinished = {t.fate for t in out.tasks.values()} - {"exited", "sigbus"}
+    # the qemu backend's words: a task is lost with the QEMU process, else killed
+    assert unfinished == {"lost" if end == "crashed" else "killed"}
+    # vm_survives fails for every way, and its counterexample ends saying which
+    path = SCENARIOS / f"{name}.toml"
+    sc = load(path if path.exists() else SCENARIOS / "model" / f"{name}.toml")
+    r = check_system(System(sc, design, policy, profile="linux-qemu", **params))
+    cex = r.properties["vm_survives"]
+    assert cex.holds is False
+    assert cex.counterexample[-1]["changes"]["vmm.end"] == end
+
+
+def test_conform_compares_a_model_panic_as_the_kvm_backend_says_it() -> None:
+    """faultline's VMM stops the VM on its guest's panic report and says aborted."""
+    from faultline.conform import view
+
+    out = _sim("lq9-mce-amd", "error-gfn", "mce", "linux-qemu", amd_succor=False)
+    assert out.vm == "panic" and view(out)["vm"] == "aborted"

@@ -128,9 +128,12 @@ def test_no_read_ever_completes_from_beyond_eof(case):
 def test_simulation_always_ends(case):
     sc, design, policy, params = case
     o = simulate_any(sc, design, policy, params)
-    assert o.vm in ("completed", "aborted", "hung")
+    assert o.vm in ("completed", "aborted", "hung", "crashed", "reset", "panic")
+    assert o.vm == "completed" or o.reason
     for name, t in o.tasks.items():
-        assert t.fate in ("exited", "sigbus", "killed", "hung"), name
+        # lost: gone with the VMM process, and only then
+        assert t.fate in ("exited", "sigbus", "killed", "hung", "lost"), name
+        assert (t.fate == "lost") <= (o.vm == "crashed"), name
 
 
 def simulate_any(sc, design, policy, params):
