@@ -735,4 +735,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if rc == EXIT_INTERRUPTED:
+        # Exit 130 under `python -m` too. CPython marks a KeyboardInterrupt unhandled when it
+        # passes out of an exec() of source text (a dataclass or namedtuple created by a lazy
+        # import), even once we catch it; at exit Py_RunMain() then calls exit_sigint()
+        # (Modules/main.c), which kill()s the process with SIGINT and returns 130 only if it
+        # survives. With SIGINT blocked it survives (the console script never gets there).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    sys.exit(rc)

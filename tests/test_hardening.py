@@ -325,6 +325,20 @@ def test_ctrl_c_stops_check_with_partial_results(tmp_path: Path,
         assert not Path(f"/proc/{w}").exists() or "Z" in Path(f"/proc/{w}/stat").read_text()
 
 
+def test_ctrl_c_caught_after_an_exec_still_exits_130_under_python_m(tmp_path: Path) -> None:
+    """A KeyboardInterrupt that passed out of an exec() of source text (a lazy import
+    creating a dataclass) and was caught: `python -m faultline.cli` still exits 130, not by
+    SIGINT (-2). Here a design file's exec'd code takes the SIGINT, deterministically."""
+    design = tmp_path / "interrupted.py"
+    design.write_text("import os, signal\n"
+                      "exec('os.kill(os.getpid(), signal.SIGINT)\\nfor _ in range(9): pass')\n")
+    r = subprocess.run([sys.executable, "-m", "faultline.cli", "run",
+                        str(SCENARIOS / "hello.toml"), "--backend", "model",
+                        "--design-file", str(design)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr.strip()) == (130, "faultline: error: interrupted")
+
+
 @pytest.mark.kvm
 def test_ctrl_c_stops_conform_with_partial_results(tmp_path: Path) -> None:
     env = dict(os.environ, FAULTLINE_RUNS=str(tmp_path))

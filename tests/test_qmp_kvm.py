@@ -30,11 +30,8 @@ GPA = 0x1_0000_2000  # dax0[2]
 # Events a monitor's own commands add to the log (stop/cont and --qmp-wait): the rest of
 # the log must be what a run without a monitor writes.
 MONITOR_KINDS = {"vm_pause", "vm_resume"}
-# The console script, as a user runs it. Not `python -m faultline.cli` for the SIGINT
-# tests: under -m, CPython exits by SIGINT (-2) instead of with sys.exit's 130 when the
-# KeyboardInterrupt it caught had landed inside an exec() (a dataclass being created by a
-# lazy import during set-up): the interpreter's "unhandled KeyboardInterrupt" flag is set
-# by the exec and never cleared.
+# The console script, as a user runs it (`python -m faultline.cli` exits alike: see the
+# end of faultline/cli.py and tests/test_hardening.py).
 _SCRIPT = Path(sys.executable).with_name("faultline")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "faultline.cli"]
 
