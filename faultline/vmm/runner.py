@@ -20,9 +20,11 @@ import contextlib
 import ctypes
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,7 @@ __all__ = [
 
 JOIN_TIMEOUT_S = 5.0
 SUPERVISE_TICK_S = 0.05
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the CLI turns both into KeyboardInterrupt
 
 
 class BackendError(Exception):
@@ -272,9 +275,13 @@ class KvmRun:
                                             name=f"vcpu{v.index}", daemon=True)
             self.control._mark_started()
             try:
-                for v in m.vcpus:
-                    assert v.thread is not None
-                    v.thread.start()
+                # A KeyboardInterrupt landing in Thread.start() can leave a thread running
+                # whose ident is not set yet: _join_threads would not wait for it, and it
+                # would log after the outcome, on a torn-down VM. Held, it raises after.
+                with _stop_signals_held():
+                    for v in m.vcpus:
+                        assert v.thread is not None
+                        v.thread.start()
                 self._supervise()
             except KeyboardInterrupt:  # (also while the threads start: vCPU 0 may be running)
                 m.stop("aborted", "interrupted")
@@ -408,6 +415,28 @@ class KvmRun:
                     f"{region.name} +{off:#x}: the guest wrote {value:#x}, the file has {got:#x}")
         m.log.emit("file_check", writes=len(self.reports.writes),
                    mismatches=m.outcome.file_mismatches)
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM arriving inside the block take effect at its end. Handlers run in
+    the main thread only, so elsewhere there is nothing to hold. (Not a signal mask: the
+    kernel would hand the signal to another thread, and Python still runs the handler here.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    # a handler installed outside Python (None) could not be put back: left alone
+    old = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) is not None}
+    try:
+        for s in old:
+            signal.signal(s, lambda signum, _frame: pending.append(signum))
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 def run_kvm(scenario: Scenario, policy: str, *, events_path: str | Path | None = None,

@@ -8,13 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from faultline.scenario import loads
-from faultline.vmm.runner import KvmRun, run_kvm
+from faultline.vmm.runner import Interrupted, KvmRun, run_kvm
 
 ROOT = Path(__file__).resolve().parents[2]
 FOREVER = """
@@ -26,6 +27,9 @@ size = "8KiB"
 name = "t"
 program = ["label top", "read dax0[0]", "loop 100000000 top", "exit 0"]
 """
+FOREVER_SMP = (FOREVER.replace('name = "t"', 'name = "t"\nvcpu = 0')
+               + '[vm]\nvcpus = 2\n[[tasks]]\nname = "u"\nvcpu = 1\n'
+                 'program = ["label top", "read dax0[1]", "loop 100000000 top"]\n')
 
 
 @pytest.mark.kvm
@@ -67,9 +71,7 @@ def _vcpu_state(last_progress: float):  # type: ignore[no-untyped-def]
 @pytest.mark.kvm
 def test_sigint_ends_the_run_with_timeline_and_log_alike(tmp_path: Path) -> None:
     scenario = tmp_path / "forever.toml"
-    scenario.write_text(FOREVER.replace('name = "t"', 'name = "t"\nvcpu = 0')
-                        + '[vm]\nvcpus = 2\n[[tasks]]\nname = "u"\nvcpu = 1\n'
-                          'program = ["label top", "read dax0[1]", "loop 100000000 top"]\n')
+    scenario.write_text(FOREVER_SMP)
     events = tmp_path / "ev.jsonl"
     p = subprocess.Popen([sys.executable, "-m", "faultline.cli", "run", str(scenario),
                           "--backend", "kvm", "--policy", "proactive", "--events", str(events)],
@@ -88,4 +90,30 @@ def test_sigint_ends_the_run_with_timeline_and_log_alike(tmp_path: Path) -> None
     kinds = [e["kind"] for e in evs]
     assert "vmm_error" not in kinds and "vmm_error" not in out
     assert kinds[-1] == "outcome" and kinds.index("vm_stop") == len(kinds) - 2
+    assert evs[-2]["reason"] == "interrupted"
+
+
+@pytest.mark.kvm
+def test_sigint_while_the_vcpu_threads_start_is_raised_once_they_all_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held until every vCPU thread has started: raised inside Thread.start() it could leave
+    a thread running that the teardown did not wait for (it logged after the outcome)."""
+    real_start = threading.Thread.start
+    started: list[threading.Thread] = []
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("vcpu"):
+            started.append(self)
+            if self.name == "vcpu0":
+                os.kill(os.getpid(), signal.SIGINT)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    events = tmp_path / "ev.jsonl"
+    with pytest.raises(Interrupted):
+        run_kvm(loads(FOREVER_SMP, source="forever.toml"), "mce", events_path=events)
+    assert [t.name for t in started] == ["vcpu0", "vcpu1"]
+    assert all(t.ident is not None and not t.is_alive() for t in started)
+    evs = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [e["kind"] for e in evs][-2:] == ["vm_stop", "outcome"]
     assert evs[-2]["reason"] == "interrupted"
