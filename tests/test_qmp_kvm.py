@@ -134,6 +134,35 @@ def _named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [e["data"] for e in events if e["event"] == name]
 
 
+def test_a_cont_sent_as_soon_as_the_monitor_serves_lets_the_vm_run(
+        sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--qmp-wait: a client may connect and send `cont` the moment the server serves.
+    That `cont` must release the hold, not come before it (the vCPUs then parked for
+    good: a run that never went on)."""
+    from faultline.qmp.kvm import KvmMonitor
+    from faultline.qmp.server import QmpServer
+    from faultline.scenario import load
+    from faultline.vmm.runner import KvmRun
+
+    start = QmpServer.start
+
+    def start_then_cont(self: QmpServer) -> None:
+        start(self)
+        assert self.control is not None
+        self.control.resume()  # what `cont` does in prelaunch
+
+    monkeypatch.setattr(QmpServer, "start", start_then_cont)
+    sc = load(DAX)
+    run = KvmRun(sc, "mce", events_path=None)
+    monitor = KvmMonitor(sockdir / "m.sock", wait=True)
+    try:
+        monitor.attach(run.control, sc)
+        assert not run.m.hold and not run.m.monitor_paused
+    finally:
+        monitor.close()
+        run._teardown()
+
+
 @pytest.mark.kvm
 def test_dax_truncate_mce_seen_through_qemus_client(sockdir: Path) -> None:
     base_outcome, base_log = _baseline(sockdir, DAX)

@@ -92,9 +92,12 @@ class KvmMonitor:
         assert server is not None, "KvmMonitor.attach() after close()"
         server.control = KvmControl(rc, scenario, self.wait)
         self._unsubscribe = rc.subscribe(server.feed)
-        server.start()
         if self.wait:
+            # Held before anyone is served: a client's `cont` as soon as it connects (it
+            # sees prelaunch) must find the VM held, or the hold would come after it and
+            # keep the vCPUs parked for good.
             rc.pause()
+        server.start()
 
     def close(self, *, interrupted: bool = False) -> None:
         """After the run: deliver what is queued (SHUTDOWN), hang up, remove the socket.
