@@ -110,8 +110,13 @@ def test_sigint_while_the_vcpu_threads_start_is_raised_once_they_all_run(
 
     monkeypatch.setattr(threading.Thread, "start", start)
     events = tmp_path / "ev.jsonl"
-    with pytest.raises(Interrupted):
-        run_kvm(loads(FOREVER_SMP, source="forever.toml"), "mce", events_path=events)
+    # SIGINT raises, as the CLI makes it: pytest run as a background job inherits SIG_IGN
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(Interrupted):
+            run_kvm(loads(FOREVER_SMP, source="forever.toml"), "mce", events_path=events)
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert [t.name for t in started] == ["vcpu0", "vcpu1"]
     assert all(t.ident is not None and not t.is_alive() for t in started)
     evs = [json.loads(line) for line in events.read_text().splitlines()]
