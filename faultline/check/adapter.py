@@ -138,16 +138,19 @@ class Adapter:
         if gentry is None or check:
             if s is None:
                 s = codec.decode(ks)
-            fresh_g = [(self._cid(key), fn, args)
-                       for _n, key, fn, args in self.model.enabled_global(s, False)]  # type: ignore[attr-defined]
+            fresh_g = self._global_entry(s, ks)
             if gentry is not None and fresh_g != gentry:
-                raise MemoContractError("enabled_global reads state outside its declared "
-                                        "footprint")
+                raise MemoContractError("enabled_global or one of its memoised actions gave a "
+                                        "different result for the same footprint: it reads "
+                                        "state outside its declared footprint")
             gentry = codec.gmemo[gk] = fresh_g
-        for cid, fn, args in gentry:
-            if s is None:
-                s = codec.decode(ks)
-            append((cid, codec.encode_from(fn(s, *args), s, ks)))
+        for cid, r, fn, args in gentry:
+            if r is not None:
+                append((cid, codec.global_splice(ks, r)))
+            else:
+                if s is None:
+                    s = codec.decode(ks)
+                append((cid, codec.encode_from(fn(s, *args), s, ks)))
         return out
 
     def _vcpu_entry(self, s: Any, ks: tuple, v: int) -> list[tuple[int, Any, Any, Any]]:
@@ -165,6 +168,23 @@ class Adapter:
                                             "v as its first argument")
                 r = codec.effect(v, ks, codec.encode_from(fn(s, *args), s, ks), fname)
                 out.append((self._cid(key), r, None, None))
+            else:
+                out.append((self._cid(key), None, fn, args))
+        return out
+
+    def _global_entry(self, s: Any, ks: tuple) -> list[tuple[int, Any, Any, Any]]:
+        """The global memo entry, as _vcpu_entry: (class id, effect ids) for an action
+        named in the footprint's global_actions, (class id, None, fn, args) otherwise."""
+        codec = self._codec
+        assert codec is not None
+        memoised = codec.global_local
+        out: list[tuple[int, Any, Any, Any]] = []
+        for _n, key, fn, args in self.model.enabled_global(s, False):  # type: ignore[attr-defined]
+            if fn.__name__ in memoised:
+                kt = codec.encode_from(fn(s, *args), s, ks)
+                r = codec.check_writes(codec.global_others, ks, kt, fn.__name__,
+                                       "the global actions'")
+                out.append((self._cid(key), codec.global_reads(r), None, None))
             else:
                 out.append((self._cid(key), None, fn, args))
         return out
@@ -292,8 +312,15 @@ class _Codec:
         # Per vCPU: the key positions of the footprint, and the others; itemgetters (C)
         # pick them and splice them back (from ks + r).
         shared = [p for name in footprint.shared for p in self._layout[name]]
-        gpos = sorted(p for name in footprint.global_reads for p in self._layout[name])
+        # The global actions' footprint: what enabled_global reads, and the tasks its
+        # memoised actions (global_actions) may read and write.
+        gpos = sorted([p for name in footprint.global_reads for p in self._layout[name]]
+                      + [b + t for t in footprint.global_tasks])
+        self.global_local = footprint.global_actions
         self.global_reads: Callable[[tuple], Any] = itemgetter(*gpos)
+        self.global_others = [p for p in range(n) if p not in gpos]
+        self.global_splice = _splicer(itemgetter(*[n + gpos.index(p) if p in gpos else p
+                                                   for p in range(n)]))
         self.reads: list[Callable[[tuple], tuple]] = []
         self.splice: list[Callable[[tuple, tuple], tuple]] = []
         self._others: list[list[int]] = []
@@ -352,12 +379,19 @@ class _Codec:
     def effect(self, v: int, ks: tuple, kt: tuple, fname: str) -> tuple:
         """The memo entry for a vCPU-local action of vCPU v from key ks to key kt: the ids
         at the footprint's positions; checks it wrote nothing else (every memo miss)."""
-        for p in self._others[v]:
+        return self.reads[v](self.check_writes(self._others[v], ks, kt, f"{fname} of vCPU {v}",
+                                               "its"))
+
+    def check_writes(self, others: list[int], ks: tuple, kt: tuple, what: str, whose: str
+                     ) -> tuple:
+        """kt, once checked equal to ks at every position of ``others`` (outside the
+        footprint)."""
+        for p in others:
             if ks[p] != kt[p]:
                 raise MemoContractError(
-                    f"{fname} of vCPU {v} changed {self._where(p)} outside its declared "
-                    "memo footprint (the model's memo_footprint is wrong)")
-        return self.reads[v](kt)
+                    f"{what} changed {self._where(p)} outside {whose} declared memo "
+                    "footprint (the model's memo_footprint is wrong)")
+        return kt
 
     def _where(self, p: int) -> str:
         for name, positions in self._layout.items():

@@ -54,13 +54,17 @@ class MemoFootprint(NamedTuple):
 
     ``enabled_vcpu(s, v)`` and every action of it whose function is named in ``actions``
     (first argument v) read and write only vCPU v, the tasks ``tasks[v]`` and the
-    records named in ``shared``; ``enabled_global`` reads only ``global_reads``. The
-    checker then memoises both on the ids of those records; a wrong declaration is
-    caught by FAULTLINE_CHECK_MEMO=1 (faultline.check.adapter)."""
+    records named in ``shared``; ``enabled_global`` reads only ``global_reads``. Every
+    action of ``enabled_global`` whose function is named in ``global_actions`` reads and
+    writes only the records of ``global_reads`` and the tasks ``global_tasks``. The
+    checker then memoises all of them on the ids of those records; a wrong declaration
+    is caught by FAULTLINE_CHECK_MEMO=1 (faultline.check.adapter)."""
     actions: frozenset[str]
     tasks: tuple[tuple[int, ...], ...]
     shared: tuple[str, ...]
     global_reads: tuple[str, ...]
+    global_actions: frozenset[str] = frozenset()
+    global_tasks: tuple[int, ...] = ()
 
 
 @runtime_checkable

@@ -255,9 +255,14 @@ class System:
         local = self.VCPU_LOCAL_ACTIONS
         if self.mce_broadcast:
             local = local - {"_vmm_exit"}
+        # The guest's workqueue (_guest_mf_work: memory_failure(pfn, 0)) reads and writes
+        # the guest record and, through kill_sigbus, only the early-kill mappers' tasks.
+        ao_tasks = tuple(sorted({t for ms in self.mappers for t, _va in ms
+                                 if self.early_kill[t]}))
         self.memo_footprint = MemoFootprint(local, self.by_vcpu,
                                             ("files", "mem", "guest", "vmm", "fired"),
-                                            ("files", "guest", "vmm"))
+                                            ("files", "guest", "vmm"),
+                                            frozenset(("_guest_mf_work",)), ao_tasks)
 
         # Symmetry: the explorer canonicalises every state it meets if `canonical` is
         # not None (an instance attribute, so it is absent when there is nothing to gain).

@@ -68,3 +68,18 @@ def test_the_shipped_designs_keep_the_contract(design: str) -> None:
     r = check_system(System(sc, get_design(design), "notify"), max_states=6_000,
                      liveness=False, check_memo=True)
     assert r.stop_reason == "max_states"
+
+
+def test_the_global_memo_footprint_holds_and_a_wrong_one_is_caught() -> None:
+    # linux-qemu's deferred SRAO: the guest's workqueue (_guest_mf_work) runs
+    # memory_failure(), which sends BUS_MCEERR_AO to `watcher` (early_kill, maps dax0[2]).
+    sc = load(SCENARIOS / "conf-shared-page.toml")
+    system = System(sc, "request", "mce", profile="linux-qemu")
+    assert system.memo_footprint.global_tasks == (3,)
+    r = check_system(system, check_memo=True)
+    assert r.states == 54_019
+    # Declared without watcher's task, the memo would splice a stale task record.
+    wrong = System(sc, "request", "mce", profile="linux-qemu")
+    wrong.memo_footprint = wrong.memo_footprint._replace(global_tasks=())
+    with pytest.raises(MemoContractError, match=r"_guest_mf_work changed tasks\[3\] outside"):
+        check_system(wrong, check_memo=False)
