@@ -15,7 +15,7 @@ from typing import Any
 
 from faultline.check.matrix import check_matrix
 from faultline.check.properties import check_system
-from faultline.scenario import load
+from faultline.scenario import PROFILES, load
 
 STANDARD = Path(__file__).resolve().parents[2] / "scenarios" / "check-standard.toml"
 
@@ -59,15 +59,17 @@ def bench_check(workers: int = 2, scenario: str | Path = STANDARD, *,
 # the process (time.process_time: on a shared machine, wall time measures the others).
 _CHILD = ("import json, time; time.perf_counter = time.process_time; "
           "from faultline.check.matrix import check_matrix; "
-          "r = check_matrix([{path!r}], workers=1); "
+          "r = check_matrix([{path!r}], workers=1, profiles=[{profile!r}]); "
           "print(json.dumps([r['states_per_second'], sum(c['states'] for c in r['cells'])]))")
 
 
 def compare_trees(other: str | Path, rounds: int = 2,
-                  scenario: str = "scenarios/check-large.toml") -> dict[str, Any]:
+                  scenario: str = "scenarios/check-large.toml",
+                  profile: str | None = None) -> dict[str, Any]:
     """states/s of exploration per CPU second, this tree against ``other`` (a checkout of
     another revision, e.g. ``git worktree add /tmp/old REV``), alternately, ``rounds``
-    times each, in one command: the ratio is what to read."""
+    times each, in one command: the ratio is what to read. ``profile``: the model's
+    (None: the scenario's own, else the default)."""
     import subprocess
     import sys
 
@@ -76,12 +78,13 @@ def compare_trees(other: str | Path, rounds: int = 2,
     runs: dict[str, list[list[int]]] = {k: [] for k in trees}
     for _ in range(rounds):
         for k, d in trees.items():
-            out = subprocess.run([sys.executable, "-c", _CHILD.format(path=scenario)],
+            out = subprocess.run([sys.executable, "-c",
+                                  _CHILD.format(path=scenario, profile=profile)],
                                  cwd=d, env={"PYTHONPATH": str(d)}, capture_output=True,
                                  text=True, check=True).stdout
             runs[k].append(json.loads(out))
     rate = {k: sum(r[0] for r in v) / len(v) for k, v in runs.items()}
-    return {"scenario": scenario, "runs": runs, "states": runs["this"][0][1],
+    return {"scenario": scenario, "profile": profile, "runs": runs, "states": runs["this"][0][1],
             "other_states_per_cpu_second": round(rate["other"]),
             "this_states_per_cpu_second": round(rate["this"]),
             "ratio_this_over_other": round(rate["this"] / rate["other"], 3)}
@@ -95,9 +98,10 @@ if __name__ == "__main__":
     ap.add_argument("--against", metavar="TREE",
                     help="compare check-large with another checkout, alternately")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--profile", choices=PROFILES, help="with --against: the model's profile")
     a = ap.parse_args()
     if a.against:
-        print(json.dumps(compare_trees(a.against, a.rounds), indent=1))
+        print(json.dumps(compare_trees(a.against, a.rounds, profile=a.profile), indent=1))
     else:
         res = bench_check(a.workers, profile=True)
         prof_text = res.pop("profile", "")
