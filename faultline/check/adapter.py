@@ -102,8 +102,10 @@ class Adapter:
         (enabled_vcpu) and the effect of each vCPU-local one depend only on the records
         of v's footprint, so they are memoised on those records' ids: on a hit (most
         states) the successors' keys are spliced from the memo without decoding the state
-        or running the model. Other actions run the model on the decoded state. With a
-        symmetry reduction or an event sink the memo is bypassed (_expand_decoded)."""
+        or running the model. An action declared wide (MemoFootprint.wide) is memoised
+        again on the other vCPUs' ids (_wide). Other actions run the model on the decoded
+        state. With a symmetry reduction or an event sink the memo is bypassed
+        (_expand_decoded)."""
         codec = self._codec
         assert codec is not None
         reads = codec.reads
@@ -120,15 +122,19 @@ class Adapter:
                 if s is None:
                     s = codec.decode(ks)
                 fresh = self._vcpu_entry(s, ks, v)
-                if entry is not None and fresh != entry:
+                if entry is None:
+                    entry = vmemo[rk] = fresh
+                elif fresh != entry:
                     raise MemoContractError(
                         f"vCPU {v}: enabled_vcpu or one of its local actions gave a different "
                         "result for the same footprint: it reads state outside its declared "
                         "memo footprint")
-                entry = vmemo[rk] = fresh
             for cid, r, fn, args in entry:
                 if r is not None:
                     append((cid, splice[v](ks, r)))
+                elif fn is None:  # args: a _WideAction
+                    t, s = self._wide(ks, v, args, s)
+                    append((cid, t))
                 else:
                     if s is None:
                         s = codec.decode(ks)
@@ -139,11 +145,12 @@ class Adapter:
             if s is None:
                 s = codec.decode(ks)
             fresh_g = self._global_entry(s, ks)
-            if gentry is not None and fresh_g != gentry:
+            if gentry is None:
+                gentry = codec.gmemo[gk] = fresh_g
+            elif fresh_g != gentry:
                 raise MemoContractError("enabled_global or one of its memoised actions gave a "
                                         "different result for the same footprint: it reads "
                                         "state outside its declared footprint")
-            gentry = codec.gmemo[gk] = fresh_g
         for cid, r, fn, args in gentry:
             if r is not None:
                 append((cid, codec.global_splice(ks, r)))
@@ -155,22 +162,47 @@ class Adapter:
 
     def _vcpu_entry(self, s: Any, ks: tuple, v: int) -> list[tuple[int, Any, Any, Any]]:
         """vCPU v's memo entry: per enabled action (class id, effect ids) for a local
-        action (run now, writes checked), (class id, None, fn, args) for the others."""
+        action (run now, writes checked), (class id, None, None, _WideAction) for a wide
+        one, (class id, None, fn, args) for the others."""
         codec = self._codec
         assert codec is not None
         local = codec.local
         out: list[tuple[int, Any, Any, Any]] = []
         for _n, key, fn, args in self.model.enabled_vcpu(s, v, False):  # type: ignore[attr-defined]
             fname = fn.__name__
+            if (fname in local or fname in codec.wide) and args[0] != v:
+                raise MemoContractError(f"{fname}: a local action of vCPU {v} must take "
+                                        "v as its first argument")
             if fname in local:
-                if args[0] != v:
-                    raise MemoContractError(f"{fname}: a local action of vCPU {v} must take "
-                                            "v as its first argument")
                 r = codec.effect(v, ks, codec.encode_from(fn(s, *args), s, ks), fname)
                 out.append((self._cid(key), r, None, None))
+            elif fname in codec.wide:
+                out.append((self._cid(key), None, None, _WideAction(fn, args)))
             else:
                 out.append((self._cid(key), None, fn, args))
         return out
+
+    def _wide(self, ks: tuple, v: int, w: _WideAction, s: Any) -> tuple[tuple, Any]:
+        """The successor key of a wide action of vCPU v (its entry is in v's memo, so v's
+        footprint is fixed): memoised on the other vCPUs' ids. Returns it with the
+        decoded state (None if not decoded)."""
+        codec = self._codec
+        assert codec is not None
+        ok = codec.wide_others[v](ks)
+        r = w.memo.get(ok)
+        if r is None or self.check_memo:
+            if s is None:
+                s = codec.decode(ks)
+            kt = codec.encode_from(w.fn(s, *w.args), s, ks)
+            fresh = codec.wide_reads[v](codec.check_writes(
+                codec.wide_outside[v], ks, kt, f"{w.fn.__name__} of vCPU {v}", "its"))
+            if r is None:
+                r = w.memo[ok] = fresh
+            elif fresh != r:
+                raise MemoContractError(f"{w.fn.__name__} of vCPU {v} gave a different result "
+                                        "for the same footprint: it reads state outside its "
+                                        "declared memo footprint")
+        return codec.wide_splice[v](ks, r), s
 
     def _global_entry(self, s: Any, ks: tuple) -> list[tuple[int, Any, Any, Any]]:
         """The global memo entry, as _vcpu_entry: (class id, effect ids) for an action
@@ -261,7 +293,9 @@ class _Codec:
         cls = type(s0)
         nv, nt = len(s0.vcpus), len(s0.tasks)
         self.nv, self.nt = nv, nt
-        self.local = footprint.actions
+        # With one vCPU a wide action (MemoFootprint.wide) is a local one.
+        self.local = footprint.actions | (footprint.wide if nv == 1 else frozenset())
+        self.wide = footprint.wide if nv > 1 else frozenset()
         # Per vCPU: footprint ids -> its memo entry (Adapter._vcpu_entry); the global
         # actions' footprint ids -> their (class id, fn, args).
         self.vmemos: list[dict[tuple, list]] = [{} for _ in range(nv)]
@@ -319,17 +353,28 @@ class _Codec:
         self.global_local = footprint.global_actions
         self.global_reads: Callable[[tuple], Any] = itemgetter(*gpos)
         self.global_others = [p for p in range(n) if p not in gpos]
-        self.global_splice = _splicer(itemgetter(*[n + gpos.index(p) if p in gpos else p
-                                                   for p in range(n)]))
+        self.global_splice = _splicer(gpos, n)
         self.reads: list[Callable[[tuple], tuple]] = []
         self.splice: list[Callable[[tuple, tuple], tuple]] = []
         self._others: list[list[int]] = []
+        # A wide action's: v's footprint and the other vCPUs (wide_reads), the other
+        # vCPUs alone (wide_others: the key within v's memo entry), the rest.
+        self.wide_reads: list[Callable[[tuple], tuple]] = []
+        self.wide_splice: list[Callable[[tuple, tuple], tuple]] = []
+        self.wide_others: list[Callable[[tuple], Any]] = []
+        self.wide_outside: list[list[int]] = []
         for v in range(nv):
             pos = sorted([2 + v] + [b + t for t in footprint.tasks[v]] + shared)
             self._others.append([p for p in range(n) if p not in pos])
             self.reads.append(itemgetter(*pos))
-            pick = itemgetter(*[n + pos.index(p) if p in pos else p for p in range(n)])
-            self.splice.append(_splicer(pick))
+            self.splice.append(_splicer(pos, n))
+            if nv > 1:
+                other_vcpus = [2 + u for u in range(nv) if u != v]
+                wpos = sorted(pos + other_vcpus)
+                self.wide_outside.append([p for p in range(n) if p not in wpos])
+                self.wide_reads.append(itemgetter(*wpos))
+                self.wide_splice.append(_splicer(wpos, n))
+                self.wide_others.append(itemgetter(*other_vcpus))
         # Safety labels per record: bits computed once per interned record (when it is
         # interned), so a state's mask is a few list lookups (``bad``).
         self.bad: Callable[[tuple], int] = self._label_bits(safety, interners, b, c)
@@ -426,10 +471,30 @@ class _Interner:
         return i
 
 
-def _splicer(pick: Callable[[tuple], tuple]) -> Callable[[tuple, tuple], tuple]:
+def _splicer(pos: list[int], n: int) -> Callable[[tuple, tuple], tuple]:
+    """splice(k, r): key k (n ids) with the ids r put at the positions ``pos``."""
+    pick = itemgetter(*[n + pos.index(p) if p in pos else p for p in range(n)])
+
     def splice(k: tuple, r: tuple) -> tuple:
         return pick(k + r)
     return splice
+
+
+class _WideAction:
+    """A wide action in a vCPU's memo entry: its function and arguments (what entries
+    compare), and its effects by the other vCPUs' ids (Adapter._wide)."""
+    __slots__ = ("args", "fn", "memo")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple) -> None:
+        self.fn = fn
+        self.args = args
+        self.memo: dict[Any, tuple] = {}
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, _WideAction) and self.fn == other.fn
+                and self.args == other.args)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 # --- readable views of a state, for counterexample diffs -------------------------------

@@ -57,14 +57,17 @@ class MemoFootprint(NamedTuple):
     records named in ``shared``; ``enabled_global`` reads only ``global_reads``. Every
     action of ``enabled_global`` whose function is named in ``global_actions`` reads and
     writes only the records of ``global_reads`` and the tasks ``global_tasks``. The
-    checker then memoises all of them on the ids of those records; a wrong declaration
-    is caught by FAULTLINE_CHECK_MEMO=1 (faultline.check.adapter)."""
+    checker then memoises all of them on the ids of those records. An action of
+    ``enabled_vcpu(s, v)`` named in ``wide`` (first argument v) reads and writes vCPU v's
+    footprint and the other vCPUs' records (not their tasks): memoised on those. A wrong
+    declaration is caught by FAULTLINE_CHECK_MEMO=1 (faultline.check.adapter)."""
     actions: frozenset[str]
     tasks: tuple[tuple[int, ...], ...]
     shared: tuple[str, ...]
     global_reads: tuple[str, ...]
     global_actions: frozenset[str] = frozenset()
     global_tasks: tuple[int, ...] = ()
+    wide: frozenset[str] = frozenset()
 
 
 @runtime_checkable

@@ -247,14 +247,17 @@ class System:
                                  for fi in range(len(scenario.files)))
         # The memo footprint of VCPU_LOCAL_ACTIONS (the checker's contract). QEMU's MCE
         # broadcast makes the VMM's exit handling write every other vCPU's #MC queue and
-        # read their MCG_STATUS.MCIP (cpu_x86_inject_mce()): not vCPU-local then.
+        # read their MCG_STATUS.MCIP (cpu_x86_inject_mce()): not vCPU-local then, but
+        # wide (those vCPU records and its own footprint only; memoised on them).
         # An AMD guest CPU: cpu_x86_support_mca_broadcast() returns 0 (QEMU >= 9.1).
         self.amd = p.guest_cpu == "amd"
         self.mce_broadcast = p.mce_broadcast and not self.amd
         self.qemu_mcip = p.mce_while_mcip == "qemu"
         local = self.VCPU_LOCAL_ACTIONS
+        wide: frozenset[str] = frozenset()
         if self.mce_broadcast:
             local = local - {"_vmm_exit"}
+            wide = frozenset(("_vmm_exit",))
         # The guest's workqueue (_guest_mf_work: memory_failure(pfn, 0)) reads and writes
         # the guest record and, through kill_sigbus, only the early-kill mappers' tasks.
         ao_tasks = tuple(sorted({t for ms in self.mappers for t, _va in ms
@@ -262,7 +265,7 @@ class System:
         self.memo_footprint = MemoFootprint(local, self.by_vcpu,
                                             ("files", "mem", "guest", "vmm", "fired"),
                                             ("files", "guest", "vmm"),
-                                            frozenset(("_guest_mf_work",)), ao_tasks)
+                                            frozenset(("_guest_mf_work",)), ao_tasks, wide)
 
         # Symmetry: the explorer canonicalises every state it meets if `canonical` is
         # not None (an instance attribute, so it is absent when there is nothing to gain).

@@ -60,6 +60,19 @@ def test_interned_exploration_is_the_plain_one(name: str, design: str) -> None:
             assert _same_graph(System(sc, design, policy, **params)) > 1
 
 
+@pytest.mark.parametrize(("name", "design"), [("conf-shared-page", "request"),
+                                              ("model/lq9-mce-broadcast", "error-gfn")])
+def test_interned_exploration_with_the_global_and_wide_memos(name: str, design: str) -> None:
+    # linux-qemu: the guest's workqueue (_guest_mf_work, memoised on the global footprint;
+    # conf-shared-page's early-kill watcher is in it) and QEMU's MCE broadcast (_vmm_exit,
+    # memoised as a wide action; error-gfn's SRARs broadcast).
+    sc = scenario.load(SCENARIOS / f"{name}.toml")
+    for policy in sc.policies:
+        system = System(sc, design, policy, profile="linux-qemu")
+        assert system.memo_footprint.wide == {"_vmm_exit"}
+        assert _same_graph(system, max_states=60_000) > 1
+
+
 def test_interned_exploration_with_symmetry() -> None:
     # canonical() is applied per edge: the memo is bypassed, encoding still used.
     for policy in ("mce", "notify"):

@@ -83,3 +83,16 @@ def test_the_global_memo_footprint_holds_and_a_wrong_one_is_caught() -> None:
     wrong.memo_footprint = wrong.memo_footprint._replace(global_tasks=())
     with pytest.raises(MemoContractError, match=r"_guest_mf_work changed tasks\[3\] outside"):
         check_system(wrong, check_memo=False)
+
+
+def test_the_broadcasting_exit_is_wide_not_local() -> None:
+    # QEMU's MCE broadcast: vCPU v's exit handling that injects an SRAR (error-gfn's, in
+    # the faulting context) queues an #MC on the other vCPU.
+    sc = load(STANDARD)
+    local = System(sc, "error-gfn", "mce", profile="linux-qemu")
+    fp = local.memo_footprint
+    local.memo_footprint = fp._replace(actions=fp.actions | fp.wide, wide=frozenset())
+    with pytest.raises(MemoContractError, match=r"_vmm_exit of vCPU \d changed vcpus"):
+        check_system(local, check_memo=False)
+    # declared wide, it keeps the contract, every expansion re-checked
+    check_system(System(sc, "error-gfn", "mce", profile="linux-qemu"), check_memo=True)
