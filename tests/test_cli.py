@@ -1,5 +1,5 @@
 """The command line end to end on real KVM: hello on one and two vCPUs, a guest that
-triple-faults, and `faultline info`."""
+triple-faults, one that panics, and `faultline info`."""
 
 from __future__ import annotations
 
@@ -63,10 +63,35 @@ def test_triple_fault_is_reported_cleanly(tmp_path: Path) -> None:
                              (boot.Segment(abi.KERNEL_LOAD_GPA, b"\x0f\x0b", 2),))
     events = tmp_path / "ev.jsonl"
     out = run_kvm(sc, "mce", events_path=events, image=image)
-    assert out.vm == "aborted" and "triple fault" in out.reason
+    # QEMU's kvm_cpu_exec() resets the guest on KVM_EXIT_SHUTDOWN: the model's word
+    assert out.vm == "reset" and "triple fault" in out.reason
     assert out.tasks["t"].fate == "killed"
-    kinds = [json.loads(line)["kind"] for line in events.read_text().splitlines()]
-    assert "vcpu_regs" in kinds and kinds[-1] == "outcome"
+    evs = [json.loads(line) for line in events.read_text().splitlines()]
+    kinds = [e["kind"] for e in evs]
+    assert "vcpu_regs" in kinds and kinds[-1] == "outcome" and "vm_abort" not in kinds
+    assert next(e for e in evs if e["kind"] == "vm_stop")["vm"] == "reset"
+
+
+@pytest.mark.kvm
+def test_guest_panic_ends_the_run_as_panic(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # A boot info with a bad magic: the real guest reports PANIC_BAD_BOOT_INFO.
+    def bad_boot_info(*a: object, **kw: object) -> bytes:
+        info = bytearray(real(*a, **kw))  # type: ignore[arg-type]
+        info[0] ^= 0xFF
+        return bytes(info)
+
+    real = boot.build_boot_info
+    monkeypatch.setattr(boot, "build_boot_info", bad_boot_info)
+    sc = loads('[[tasks]]\nname = "t"\nprogram = ["exit 0"]\n', source="panic.toml")
+    events = tmp_path / "ev.jsonl"
+    out = run_kvm(sc, "mce", events_path=events)
+    assert out.vm == "panic" and out.reason == "guest panic on vCPU 0: bad boot info"
+    assert out.tasks["t"].fate == "killed"
+    evs = [json.loads(line) for line in events.read_text().splitlines()]
+    kinds = [e["kind"] for e in evs]
+    assert "guest_panic" in kinds and "vm_abort" not in kinds
+    assert next(e for e in evs if e["kind"] == "vm_stop")["vm"] == "panic"
 
 
 @pytest.mark.kvm

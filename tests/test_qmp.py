@@ -161,6 +161,12 @@ def test_translate_abort_notify_srao_and_causes() -> None:
     assert _translate([{"kind": "vm_stop", "vm": "aborted",
                         "reason": "guest panic on vCPU 0 (code 1)"}]) == [
         ("SHUTDOWN", {"guest": True, "reason": "guest-panic"})]
+    assert _translate([{"kind": "vm_stop", "vm": "panic",
+                        "reason": "guest panic on vCPU 0: bad boot info"}]) == [
+        ("SHUTDOWN", {"guest": True, "reason": "guest-panic"})]
+    assert _translate([{"kind": "vm_stop", "vm": "reset",
+                        "reason": "vCPU 0: triple fault (KVM_EXIT_SHUTDOWN)"}]) == [
+        ("SHUTDOWN", {"guest": True, "reason": "guest-reset"})]
 
 
 # --- the server, against a fake run ----------------------------------------------------------

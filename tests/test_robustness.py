@@ -193,7 +193,9 @@ def test_random_guest_code_never_breaks_the_vmm(tmp_path: Path, code: bytes) -> 
     events = tmp_path / f"ev-{random.random()}.jsonl"
     # max_seconds: the backstop should random code keep "booting" (BOOT_PROGRESS_PORT outs)
     out = run_kvm(sc, "mce", events_path=events, watchdog_s=0.5, max_seconds=30, image=image)
-    assert out.vm in ("completed", "aborted", "hung")
+    # random code may triple-fault (reset) or write a panic report (panic)
+    assert out.vm in ("completed", "aborted", "hung", "reset", "panic")
+    assert out.vm == "completed" or out.reason
     assert _events(events)[-1]["kind"] == "outcome"
 
 

@@ -59,8 +59,10 @@ def shutdown_cause(vm: str, reason: str) -> tuple[bool, str]:
     """(guest, ShutdownCause) for how a run ended."""
     if vm == "completed":
         return True, "guest-shutdown"  # every task ran to its end: the guest is done
-    if reason.startswith("guest panic"):
+    if vm == "panic" or reason.startswith("guest panic"):
         return True, "guest-panic"
+    if vm == "reset":  # a triple fault: QEMU's kvm_cpu_exec() on KVM_EXIT_SHUTDOWN
+        return True, "guest-reset"
     if reason == "interrupted":
         return False, "host-signal"
     return False, "host-error"

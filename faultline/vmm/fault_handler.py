@@ -99,7 +99,9 @@ class FaultHandler:
         m.count_exit(kind.lower())
         m.log.emit("kvm_exit", vcpu=v.index, exit=kind, detail=repr(ex))
         if isinstance(ex, exits.Shutdown):
-            m.stop("aborted", f"vCPU {v.index}: triple fault (KVM_EXIT_SHUTDOWN)")
+            # KVM gives up on a triple fault with KVM_EXIT_SHUTDOWN; QEMU then resets the
+            # guest (kvm_cpu_exec(): qemu_system_reset_request(SHUTDOWN_CAUSE_GUEST_RESET)).
+            m.stop("reset", f"vCPU {v.index}: triple fault (KVM_EXIT_SHUTDOWN)")
         else:
             m.stop("aborted", f"vCPU {v.index}: unhandled exit {ex!r}")
         return False

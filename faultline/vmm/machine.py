@@ -103,7 +103,11 @@ class Machine:
             self.stopping = True
             self.outcome.vm = vm_state
             self.outcome.reason = reason
-            self.log.emit("vm_abort" if vm_state == "aborted" else "vm_hung", reason=reason)
+            # a panic or a reset has its own event before this (guest_panic, kvm_exit)
+            # and vm_stop after: the VMM did not abort it
+            if vm_state not in ("panic", "reset"):
+                self.log.emit("vm_abort" if vm_state == "aborted" else "vm_hung",
+                              reason=reason)
             self.cond.notify_all()
         for v in self.vcpus:
             self.kick(v)

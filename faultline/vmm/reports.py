@@ -175,4 +175,4 @@ class ReportPort:
         what = abi.PANIC_NAMES.get(r.code, f"unknown panic code {r.code}")
         self.m.log.emit("guest_panic", vcpu=v.index, code=r.code, what=what,
                         detail=[hex(r.detail1), hex(r.detail2), hex(r.detail3)])
-        self.m.stop("aborted", f"guest panic on vCPU {v.index}: {what}")
+        self.m.stop("panic", f"guest panic on vCPU {v.index}: {what}")

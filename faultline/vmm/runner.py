@@ -370,7 +370,8 @@ class KvmRun:
                     o.reason = f"every vCPU stopped with tasks unfinished: {', '.join(unfinished)}"
             for name, t in o.tasks.items():
                 if name not in m.finished_tasks:
-                    t.fate = "hung" if o.vm != "aborted" else "killed"
+                    # as the qemu backend: a stopped, reset or panicked VM kills them
+                    t.fate = "killed" if o.vm in ("aborted", "reset", "panic") else "hung"
         self._check_files()
         m.log.emit("vm_stop", vm=o.vm, reason=o.reason)
         m.log.emit("outcome", outcome=o.to_json())
