@@ -8,12 +8,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from faultline import abi
 from faultline.outcome import check
-from faultline.scenario import from_dict, load, loads
+from faultline.scenario import Scenario, from_dict, load, loads
 from faultline.vmm import boot
 from faultline.vmm.runner import run_kvm
 from tests.conftest import ROOT, SCENARIOS
@@ -76,8 +77,8 @@ def test_triple_fault_is_reported_cleanly(tmp_path: Path) -> None:
 def test_guest_panic_ends_the_run_as_panic(tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # A boot info with a bad magic: the real guest reports PANIC_BAD_BOOT_INFO.
-    def bad_boot_info(*a: object, **kw: object) -> bytes:
-        info = bytearray(real(*a, **kw))  # type: ignore[arg-type]
+    def bad_boot_info(sc: Scenario, **kw: Any) -> bytes:
+        info = bytearray(real(sc, **kw))
         info[0] ^= 0xFF
         return bytes(info)
 

@@ -303,3 +303,27 @@ def test_bare_efault_on_an_address_the_guest_unmapped_is_a_retry(window: GuestMe
                    lambda v: [(0x101000, 1, "exec"), (None, 8, "read")])
     with pytest.raises(GuestUnmapped):
         det.from_exit(0, exits.BareEfault(errno.EFAULT))
+
+
+def test_kvm_exit_shutdown_ends_the_run_as_reset() -> None:
+    """A triple fault: kvm_run's KVM_EXIT_SHUTDOWN decodes to Shutdown, and the VMM ends
+    the run as `reset` (QEMU's kvm_cpu_exec() resets the guest), not `aborted`."""
+    from faultline.outcome import EventLog, Outcome
+    from faultline.scenario import loads
+    from faultline.vmm.fault_handler import FaultHandler
+    from faultline.vmm.machine import Machine, VcpuState
+
+    class _Vcpu:  # what stop() touches of a vCPU: the kick
+        immediate_exit = False
+
+    sc = loads('[[tasks]]\nname = "t"\nprogram = ["exit 0"]\n', source="triple.toml")
+    m = Machine(sc, EventLog(None), Outcome(sc.name, "kvm", "host", "mce"))
+    v = VcpuState(0, _Vcpu())  # type: ignore[arg-type]
+    m.vcpus.append(v)
+    ex = exits.decode_exit(_run_buf(uapi.KVM_EXIT_SHUTDOWN), 0)
+    assert isinstance(ex, exits.Shutdown)
+    handler = FaultHandler(m, None, None, "mce")  # type: ignore[arg-type]
+    assert handler.unhandled(v, ex) is False
+    assert (m.outcome.vm, m.outcome.reason) == ("reset", "vCPU 0: triple fault (KVM_EXIT_SHUTDOWN)")
+    assert m.outcome.exits == {"shutdown": 1}
+    assert [e["kind"] for e in m.log.events] == ["kvm_exit"]  # no vm_abort: not the VMM's
