@@ -6,6 +6,13 @@ Exit codes: 0 the outcome matches the scenario's expectation, 1 it does not, 2 b
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # python -m faultline.cli: Ctrl-C handling first, then this module's imports (it is
+    # imported again, as faultline.cli, whose main() runs)
+    from faultline.__main__ import run_as_main
+
+    run_as_main()
+
 import argparse
 import contextlib
 import fcntl
@@ -13,15 +20,14 @@ import json
 import math
 import os
 import re
-import signal
 import stat
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+from faultline.interrupt import handled
 from faultline.outcome import EventLog, Outcome, check
 from faultline.scenario import (
     DESIGNS,
@@ -710,20 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops a run the way SIGINT does: outcome + log kept
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    if threading.current_thread() is threading.main_thread():
-        # Explicitly, also for SIGINT: a parent that ignores it (a script's background job)
-        # passes SIG_IGN on, and Python then leaves it ignored.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, _sigterm)
     try:
-        args = parser.parse_args(argv)
-        return int(args.func(args))
+        with handled():
+            args = build_parser().parse_args(argv)
+            return int(args.func(args))
     except KeyboardInterrupt:
         _err("interrupted")
         return EXIT_INTERRUPTED
@@ -733,14 +730,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
 
-
-if __name__ == "__main__":
-    rc = main()
-    if rc == EXIT_INTERRUPTED:
-        # Exit 130 under `python -m` too. CPython marks a KeyboardInterrupt unhandled when it
-        # passes out of an exec() of source text (a dataclass or namedtuple created by a lazy
-        # import), even once we catch it; at exit Py_RunMain() then calls exit_sigint()
-        # (Modules/main.c), which kill()s the process with SIGINT and returns 130 only if it
-        # survives. With SIGINT blocked it survives (the console script never gets there).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    sys.exit(rc)

@@ -35,7 +35,9 @@ def get_design(spec: str) -> Design:
     mod = SHIPPED.get(spec)
     if mod is None:
         raise ValueError(f"unknown design {spec!r} (one of: {', '.join(SHIPPED)})")
-    d: Design = importlib.import_module(f"faultline.model.designs.{mod}").DESIGN
+    # __import__, not importlib.import_module: the CLI holds a Ctrl-C until an import
+    # made through it has finished (faultline/interrupt.py)
+    d: Design = __import__(f"faultline.model.designs.{mod}", fromlist=["DESIGN"]).DESIGN
     return d
 
 
