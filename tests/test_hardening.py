@@ -339,6 +339,101 @@ def test_ctrl_c_caught_after_an_exec_still_exits_130_under_python_m(tmp_path: Pa
     assert (r.returncode, r.stderr.strip()) == (130, "faultline: error: interrupted")
 
 
+# Sends SIGINT to its own process when the module STOP_AT is looked for, then steps aside:
+# a Ctrl-C landing at that exact import, deterministically.
+_SIGINT_AT_IMPORT = """\
+import os, signal, sys
+
+class _SigintAt:
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["STOP_AT"]:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, _SigintAt())
+"""
+_CONSOLE_SCRIPT = Path(sys.executable).with_name("faultline")
+
+
+@pytest.mark.parametrize("entry", ["console-script", "python-m"])
+@pytest.mark.parametrize("stop_at", ["faultline.outcome", "faultline.model.simulate"],
+                         ids=["start-up-import", "lazy-import"])
+def test_ctrl_c_during_an_import_is_one_line_and_exit_130(tmp_path: Path, entry: str,
+                                                          stop_at: str) -> None:
+    """A Ctrl-C during faultline.cli's own imports (before main() runs) and during a
+    command's lazy import: one line, exit 130, no traceback."""
+    if entry == "console-script" and not _CONSOLE_SCRIPT.exists():
+        pytest.skip("no faultline console script next to this python (make test installs it)")
+    (tmp_path / "sitecustomize.py").write_text(_SIGINT_AT_IMPORT)
+    argv = [str(_CONSOLE_SCRIPT)] if entry == "console-script" else [
+        sys.executable, "-m", "faultline.cli"]
+    r = subprocess.run([*argv, "run", str(SCENARIOS / "hello.toml"), "--backend", "model",
+                        "--events", str(tmp_path / "ev.jsonl")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path), STOP_AT=stop_at))
+    assert (r.returncode, r.stderr.strip()) == (130, "faultline: error: interrupted")
+
+
+def test_ctrl_c_inside_a_class_creation_during_an_import_waits_for_its_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPython 3.11 turns a KeyboardInterrupt raised in __set_name__ into `RuntimeError:
+    Error calling __set_name__` (seen in pyelftools' lazy import, exit 1). Held until the
+    import is done, it is a KeyboardInterrupt, and the module is whole."""
+    from faultline.interrupt import handled
+
+    (tmp_path / "setname_sigint.py").write_text(
+        "import os, signal\n"
+        "class Field:\n"
+        "    def __set_name__(self, owner, name):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        for _ in range(9): pass\n"
+        "class Record:\n"
+        "    f = Field()\n"
+        "WHOLE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "setname_sigint", raising=False)
+    with pytest.raises(KeyboardInterrupt), handled():
+        import setname_sigint  # noqa: F401
+    assert sys.modules["setname_sigint"].WHOLE
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_kvm_run_interrupted_in_set_up_ends_its_log_with_vm_stop_and_outcome(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the VM is set up (here: as /dev/kvm is opened, so no KVM needed), and
+    a second one while the run's end is written: the log still ends with vm_stop and the
+    outcome, vm aborted, reason interrupted."""
+    from faultline.scenario import load
+    from faultline.vmm import runner
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    check_files = runner.KvmRun._check_files
+
+    def ctrl_c_again(run: runner.KvmRun) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # pytest's handler: KeyboardInterrupt if not held
+        check_files(run)
+
+    monkeypatch.setattr(runner, "Kvm", interrupted)
+    monkeypatch.setattr(runner.KvmRun, "_check_files", ctrl_c_again)
+    events = tmp_path / "ev.jsonl"
+    try:
+        runner.run_kvm(load(SCENARIOS / "hello.toml"), "mce", events_path=events)
+    except runner.Interrupted as e:
+        outcome = e.outcome
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt passed out of the run")
+    else:
+        pytest.fail("the run was not interrupted")
+    assert (outcome.vm, outcome.reason) == ("aborted", "interrupted")
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [ev["kind"] for ev in log[-2:]] == ["vm_stop", "outcome"]
+    assert (log[-2]["vm"], log[-2]["reason"]) == ("aborted", "interrupted")
+    assert log[-1]["outcome"]["vm"] == "aborted"
+
+
 @pytest.mark.kvm
 def test_ctrl_c_stops_conform_with_partial_results(tmp_path: Path) -> None:
     env = dict(os.environ, FAULTLINE_RUNS=str(tmp_path))

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from faultline.interrupt import STOP_SIGNALS  # the CLI turns both into KeyboardInterrupt
 from faultline.kvm import Kvm, KvmError, Vm, uapi
 from faultline.memory import GuestMemory, Region
 from faultline.outcome import EventLog, Outcome, TaskOutcome
@@ -59,7 +60,6 @@ __all__ = [
 
 JOIN_TIMEOUT_S = 5.0
 SUPERVISE_TICK_S = 0.05
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the CLI turns both into KeyboardInterrupt
 
 
 class BackendError(Exception):
@@ -68,7 +68,8 @@ class BackendError(Exception):
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM stopped the run; `outcome` is what it had come to (vm aborted,
-    reason 'interrupted'), already written to the event log."""
+    reason 'interrupted'; or how it ended, when the signal came as it was ending),
+    already written to the event log."""
 
     def __init__(self, outcome: Outcome) -> None:
         super().__init__("interrupted")
@@ -260,21 +261,22 @@ class KvmRun:
         m = self.m
         interrupted = False
         try:
+            # Interrupted in set-up too, the log ends as every run's does: vm_stop, outcome.
             try:
-                self._setup()
-            except (KvmError, OSError) as e:
-                raise BackendError(f"cannot set up the VM: {e}") from None
-            for ev in self.sc.events:
-                if ev.trigger.task is None:
-                    self.events.fire(ev, None)
-            m.can_kick = install_kick_handler()
-            self._t_start = now = time.monotonic()
-            for v in m.vcpus:
-                v.last_progress = now
-                v.thread = threading.Thread(target=self.exit_loop.thread, args=(v,),
-                                            name=f"vcpu{v.index}", daemon=True)
-            self.control._mark_started()
-            try:
+                try:
+                    self._setup()
+                except (KvmError, OSError) as e:
+                    raise BackendError(f"cannot set up the VM: {e}") from None
+                for ev in self.sc.events:
+                    if ev.trigger.task is None:
+                        self.events.fire(ev, None)
+                m.can_kick = install_kick_handler()
+                self._t_start = now = time.monotonic()
+                for v in m.vcpus:
+                    v.last_progress = now
+                    v.thread = threading.Thread(target=self.exit_loop.thread, args=(v,),
+                                                name=f"vcpu{v.index}", daemon=True)
+                self.control._mark_started()
                 # A KeyboardInterrupt landing in Thread.start() can leave a thread running
                 # whose ident is not set yet: _join_threads would not wait for it, and it
                 # would log after the outcome, on a torn-down VM. Held, it raises after.
@@ -286,9 +288,12 @@ class KvmRun:
             except KeyboardInterrupt:  # (also while the threads start: vCPU 0 may be running)
                 m.stop("aborted", "interrupted")
                 interrupted = True
-            self._join_threads()
-            self._finish()
-            if interrupted:
+            # Nothing to stop any more: a signal now (another Ctrl-C) must not cut the log
+            # short of its outcome. It makes the run an interrupted one.
+            with _stop_signals_held(reraise=False) as held:
+                self._join_threads()
+                self._finish()
+            if interrupted or held:
                 raise Interrupted(m.outcome)
             return m.outcome
         finally:
@@ -419,24 +424,25 @@ class KvmRun:
 
 
 @contextlib.contextmanager
-def _stop_signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM arriving inside the block take effect at its end. Handlers run in
-    the main thread only, so elsewhere there is nothing to hold. (Not a signal mask: the
-    kernel would hand the signal to another thread, and Python still runs the handler here.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _stop_signals_held(*, reraise: bool = True) -> Iterator[list[int]]:
+    """SIGINT and SIGTERM arriving inside the block take effect at its end (``reraise``),
+    else are only listed in what it yields. Handlers run in the main thread only, so
+    elsewhere there is nothing to hold. (Not a signal mask: the kernel would hand the
+    signal to another thread, and Python still runs the handler here.)"""
     pending: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
     # a handler installed outside Python (None) could not be put back: left alone
     old = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) is not None}
     try:
         for s in old:
             signal.signal(s, lambda signum, _frame: pending.append(signum))
-        yield
+        yield pending
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        for signum in dict.fromkeys(pending):
+        for signum in dict.fromkeys(pending if reraise else ()):
             signal.raise_signal(signum)
 
 
