@@ -28,6 +28,15 @@ class Signal:
         return {"code": self.code, "vaddr": None if self.vaddr is None else hex(self.vaddr)}
 
 
+def unfinished_fate(vm: str) -> str:
+    """The fate of a task that had not finished when the run ended with ``vm``, the same
+    on every backend: gone with the VMM process (crashed: lost), stopped, reset or
+    panicked with the VM (killed), else still waiting (hung)."""
+    if vm == "crashed":
+        return "lost"
+    return "killed" if vm in ("aborted", "reset", "panic") else "hung"
+
+
 @dataclass(slots=True)
 class TaskOutcome:
     fate: str = "hung"  # exited | sigbus | sigsegv | killed | hung | lost (the VMM process died)

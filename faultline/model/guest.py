@@ -28,15 +28,23 @@ def exit_task(task: Task, code: int) -> Task:
     return task._replace(status=TS_EXITED, result=code)
 
 
+def sleeper(tasks: tuple[Task, ...], candidates: tuple[int, ...], token: int) -> int:
+    """The task sleeping on ``token`` (_find_apf_task()), else -1."""
+    for t in candidates:
+        tk = tasks[t]
+        if tk.status == TS_SLEEP and tk.token == token:
+            return t
+    return -1
+
+
 def wake_token(tasks: tuple[Task, ...], candidates: tuple[int, ...], token: int
                ) -> tuple[tuple[Task, ...], int]:
     """The page-ready handler: wake the task sleeping on ``token`` (kvm_async_pf_task_wake).
     Returns (tasks, woken task index or -1)."""
-    for t in candidates:
-        tk = tasks[t]
-        if tk.status == TS_SLEEP and tk.token == token:
-            return put(tasks, t, tk._replace(status=TS_RUN, token=0)), t
-    return tasks, -1
+    t = sleeper(tasks, candidates, token)
+    if t < 0:
+        return tasks, -1
+    return put(tasks, t, tasks[t]._replace(status=TS_RUN, token=0)), t
 
 
 def memory_failure(guest: Guest, tasks: tuple[Task, ...], gidx: int,

@@ -18,7 +18,14 @@ from typing import Any
 from faultline.model.design import Design
 from faultline.model.state import TS_EXITED, TS_KILLED, TS_SIGBUS, TS_SIGSEGV, State
 from faultline.model.system import System
-from faultline.outcome import EventLog, FaultRecord, Outcome, Signal, TaskOutcome
+from faultline.outcome import (
+    EventLog,
+    FaultRecord,
+    Outcome,
+    Signal,
+    TaskOutcome,
+    unfinished_fate,
+)
 from faultline.scenario import Scenario
 
 DEFAULT_MAX_STEPS = 100_000
@@ -190,9 +197,7 @@ def _fill(system: System, state: State, outcome: Outcome, records: list[dict[str
         elif st == TS_KILLED:
             outcome.tasks[name] = TaskOutcome("killed")
         elif system.vm_aborted(state):
-            # Gone with the QEMU process (the qemu backend's word, when QEMU exits), else
-            # stopped with the VM, reset or panicked with the guest.
-            outcome.tasks[name] = TaskOutcome("lost" if outcome.vm == "crashed" else "killed")
+            outcome.tasks[name] = TaskOutcome(unfinished_fate(outcome.vm))
         else:
             outcome.tasks[name] = TaskOutcome("hung")
     outcome.offlined = system.offlined_gpas(state)

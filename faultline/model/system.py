@@ -686,12 +686,7 @@ class System:
         """The task page-ready for ``work`` will wake (asleep on its token), else -1."""
         if not (work.injected and self.pv_apf):
             return -1
-        tasks = s.tasks
-        for t in self.by_vcpu[v]:
-            tk = tasks[t]
-            if tk.status == TS_SLEEP and tk.token == work.token:
-                return t
-        return -1
+        return G.sleeper(s.tasks, self.by_vcpu[v], work.token)
 
     def _wake_targets(self, s: State, v: int, t: int) -> tuple[int, ...]:
         """The vCPUs task t, woken on vCPU v, may run on next: its whole affinity (the
@@ -843,13 +838,11 @@ class System:
         if work.injected and self.pv_apf:
             error = self.d.kvm_arch_async_page_present(self, s, v, work, failed)
             tasks, woke = G.wake_token(tasks, self.by_vcpu[v], token)
-            if w != v and woke >= 0:
+            moved = w != v and woke >= 0
+            if moved:
                 tasks = put(tasks, woke, tasks[woke]._replace(cpu=w))
-                self.emit("guest_apf_page_ready", vcpu=v, task=woke, token=hex(token),
-                          error=error, wake_cpu=w)
-            else:
-                self.emit("guest_apf_page_ready", vcpu=v, task=woke, token=hex(token),
-                          error=error)
+            self.emit("guest_apf_page_ready", vcpu=v, task=woke, token=hex(token), error=error,
+                      **({"wake_cpu": w} if moved else {}))
             if woke >= 0 and error:
                 tk = tasks[woke]
                 a = self.acc[woke][tk.pc][tk.sub]

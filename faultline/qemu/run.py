@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from faultline import abi
-from faultline.outcome import EventLog, Outcome, Signal, TaskOutcome
+from faultline.outcome import EventLog, Outcome, Signal, TaskOutcome, unfinished_fate
 from faultline.qemu.command import (
     QemuLayoutError,
     QemuUnavailable,
@@ -530,8 +530,7 @@ class QemuRun:
         o = self.outcome
         for name, t in o.tasks.items():
             if name not in self.finished_tasks:
-                t.fate = {"crashed": "lost", "aborted": "killed", "reset": "killed",
-                          "panic": "killed"}.get(o.vm, "hung")
+                t.fate = unfinished_fate(o.vm)
         o.count_exit("doorbell", self.doorbells)
         self._serial()
         self._check_files()

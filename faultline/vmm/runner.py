@@ -31,7 +31,7 @@ from typing import Any
 from faultline.interrupt import STOP_SIGNALS  # the CLI turns both into KeyboardInterrupt
 from faultline.kvm import Kvm, KvmError, Vm, uapi
 from faultline.memory import GuestMemory, Region
-from faultline.outcome import EventLog, Outcome, TaskOutcome
+from faultline.outcome import EventLog, Outcome, TaskOutcome, unfinished_fate
 from faultline.scenario import Scenario, file_contents
 from faultline.vmm import DEFAULT_MAX_SECONDS, DEFAULT_MAX_STEPS, DEFAULT_WATCHDOG_S
 from faultline.vmm import policy as pol
@@ -375,8 +375,7 @@ class KvmRun:
                     o.reason = f"every vCPU stopped with tasks unfinished: {', '.join(unfinished)}"
             for name, t in o.tasks.items():
                 if name not in m.finished_tasks:
-                    # as the qemu backend: a stopped, reset or panicked VM kills them
-                    t.fate = "killed" if o.vm in ("aborted", "reset", "panic") else "hung"
+                    t.fate = unfinished_fate(o.vm)
         self._check_files()
         m.log.emit("vm_stop", vm=o.vm, reason=o.reason)
         m.log.emit("outcome", outcome=o.to_json())
